@@ -1,0 +1,14 @@
+"""Test setup: simulate an 8-device CPU mesh before JAX is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_threefry_partitionable", True)
+
+assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
