@@ -1,0 +1,72 @@
+"""Optimizer and learning-rate schedules (optax).
+
+AdamW with Llama-style defaults (β1 0.9, β2 0.95, ε 1e-8, decoupled weight decay 0.1 applied to matrices
+and embeddings but not to RMSNorm gains), global-norm gradient clipping at 1.0, and a linear warm-up followed
+by cosine (or linear) decay to a floor. optax's decoupled decay multiplies by the current learning rate, so
+`weight_decay=0.1` is exactly the paper's scaling-law setting "weight decay = 0.1 × the current LR".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    peak_lr: float = 3e-4
+    warmup_steps: int = 2000
+    total_steps: int = 100_000  # steps of the schedule (warm-up included)
+    decay: str = "cosine"  # cosine | linear | constant
+    final_lr_ratio: float = 0.1  # floor = final_lr_ratio * peak_lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
+    init_lr: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d) -> "OptimConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+def make_schedule(c: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from init_lr to peak_lr over warmup_steps, then decay to final_lr_ratio·peak_lr."""
+    if c.decay not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown learning-rate decay {c.decay!r}; expected cosine, linear or constant")
+    if c.total_steps < c.warmup_steps:
+        raise ValueError(f"total_steps={c.total_steps} is smaller than warmup_steps={c.warmup_steps}")
+    floor = c.final_lr_ratio * c.peak_lr
+    warmup = optax.linear_schedule(c.init_lr, c.peak_lr, max(c.warmup_steps, 1))
+    decay_steps = max(c.total_steps - c.warmup_steps, 1)
+    if c.decay == "cosine":
+        decay = optax.cosine_decay_schedule(c.peak_lr, decay_steps, alpha=c.final_lr_ratio)
+    elif c.decay == "linear":
+        decay = optax.linear_schedule(c.peak_lr, floor, decay_steps)
+    else:
+        decay = optax.constant_schedule(c.peak_lr)
+    if c.warmup_steps == 0:
+        return decay
+    return optax.join_schedules([warmup, decay], [c.warmup_steps])
+
+
+def decay_mask(params):
+    """True for weights that get weight decay: everything except RMSNorm gains."""
+    def keep(path, _):
+        return not any(getattr(k, "key", None) in ("attention_norm", "ffn_norm", "norm") for k in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(c.clip_norm),
+        optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                    mask=decay_mask),
+    )

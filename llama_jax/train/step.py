@@ -1,0 +1,197 @@
+"""The pure training step and its sharded compilation.
+
+`make_train_step(model_cfg, optim_cfg, grad_accum)` returns `train_step(state, batch) -> (state, metrics)`:
+a pure function (no I/O) that computes the masked next-token loss, its gradient (accumulated in float32 over
+`grad_accum` micro-batches so the result equals the full-batch gradient), applies AdamW, and skips the update
+(counting it in `state.skipped`) when the loss or gradient is not finite.
+
+`init_train_state` creates the state already sharded (eval_shape -> logical specs -> shardings -> jit with
+out_shardings), so no host ever holds the full parameter tree; `jit_train_step` compiles the step with explicit
+in/out shardings and donates the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from llama_jax.model import transformer
+from llama_jax.model.config import ModelConfig
+from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.sharding import rules as rules_lib
+from llama_jax.train import loss as loss_lib
+from llama_jax.train.optim import OptimConfig, make_optimizer, make_schedule
+from llama_jax.train.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+Batch = Mapping[str, jax.Array]
+
+
+def loss_sum(model_cfg: ModelConfig, params, batch: Batch):
+    """(sum of masked next-token NLL, number of counted tokens) for one batch."""
+    logits, _ = transformer.apply(model_cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    return loss_lib.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def _split_micro(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] taking rows i, i+n, i+2n, ... for micro-batch i, so every micro-batch is
+    spread evenly over the data-parallel devices (the set of rows, hence the sum, is unchanged)."""
+    def split(x):
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: int = 1,
+                    loss_fn: Callable | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Builds the pure `train_step(state, batch) -> (state, metrics)`.
+
+    `loss_fn(params, batch) -> (loss_sum, count)` defaults to next-token cross-entropy on the model.
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    optimizer = make_optimizer(optim_cfg)
+    schedule = make_schedule(optim_cfg)
+    loss_fn = loss_fn or (lambda params, batch: loss_sum(model_cfg, params, batch))
+
+    def grad_fn(params, batch):
+        (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        return total, count, grads
+
+    def train_step(state: TrainState, batch: Batch):
+        params = state.params
+        if grad_accum == 1:
+            total, count, grads = grad_fn(params, batch)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            def body(acc, micro):
+                t, c, g = grad_fn(params, micro)
+                acc_t, acc_c, acc_g = acc
+                return (acc_t + t, acc_c + c, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (total, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
+                                                    _split_micro(batch, grad_accum))
+        denom = jnp.maximum(count, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = _global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, params),
+                               opt_state=keep(new_opt_state, state.opt_state),
+                               skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
+        metrics = {
+            "loss": loss,
+            "tokens": count,
+            "grad_norm": grad_norm,
+            "param_norm": _global_norm(new_state.params),
+            "update_norm": jnp.where(finite, _global_norm(updates), 0.0),
+            "learning_rate": schedule(state.step - state.skipped),  # updates applied so far = optax count
+            "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------------ sharded setup
+
+
+def _opt_state_shardings(opt_shapes, params_treedef, param_shardings, mesh: Mesh):
+    """Optimizer-state leaves that mirror the parameter tree (Adam's mu / nu) take the parameters' shardings;
+    every other leaf (counters) is replicated."""
+    def is_param_tree(x):
+        return jax.tree.structure(x) == params_treedef
+    return jax.tree.map(lambda x: param_shardings if is_param_tree(x) else mesh_lib.replicated(mesh),
+                        opt_shapes, is_leaf=is_param_tree)
+
+
+def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, rules) -> TrainState:
+    """NamedShardings for every leaf of the TrainState, derived from the model's logical axis names."""
+    specs = transformer.param_logical_specs(model_cfg)
+    param_sh = rules_lib.logical_to_sharding(specs, mesh, rules)
+    shapes = transformer.param_shapes(model_cfg)
+    rules_lib.check_divisible(shapes, param_sh)
+    opt_shapes = jax.eval_shape(make_optimizer(optim_cfg).init, shapes)
+    rep = mesh_lib.replicated(mesh)
+    return TrainState(step=rep, params=param_sh,
+                      opt_state=_opt_state_shardings(opt_shapes, jax.tree.structure(shapes), param_sh, mesh),
+                      skipped=rep)
+
+
+def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, rules, rng,
+                     params: Any = None) -> tuple[TrainState, TrainState]:
+    """Creates (state, shardings) with every array born sharded. `params`, if given, seed the state."""
+    shardings = state_shardings(model_cfg, optim_cfg, mesh, rules)
+    optimizer = make_optimizer(optim_cfg)
+
+    def create(rng, params):
+        if params is None:
+            params = transformer.init(model_cfg, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    with jax.set_mesh(mesh):
+        if params is None:
+            state = jax.jit(lambda r: create(r, None), out_shardings=shardings)(rng)
+        else:
+            state = jax.jit(create, in_shardings=(None, shardings.params), out_shardings=shardings)(rng, params)
+    return state, shardings
+
+
+def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum: int = 1) -> None:
+    """Clear errors for a batch the mesh cannot split."""
+    missing = [k for k in BATCH_KEYS if k not in batch_shapes]
+    if missing:
+        raise ValueError(f"batch is missing key(s) {missing}; expected {BATCH_KEYS}")
+    b, length = batch_shapes["inputs"][:2]
+    for k in BATCH_KEYS:
+        if tuple(batch_shapes[k][:2]) != (b, length):
+            raise ValueError(f"batch[{k!r}] has shape {batch_shapes[k]}, expected ({b}, {length})")
+    div = mesh_lib.batch_divisor(mesh)
+    if b % (div * grad_accum):
+        raise ValueError(f"global batch size {b} is not divisible by data x fsdp = {div} devices"
+                         + (f" times grad_accum={grad_accum}" if grad_accum > 1 else "")
+                         + f" of mesh {dict(mesh.shape)}")
+    if length % mesh.shape["context"]:
+        raise ValueError(f"sequence length {length} is not divisible by the context axis "
+                         f"({mesh.shape['context']}) of mesh {dict(mesh.shape)}")
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainState,
+                   donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Compiles `train_step` with explicit in/out shardings under the mesh and logical-axis rules."""
+    batch_sh = {k: mesh_lib.data_sharding(mesh) for k in BATCH_KEYS}
+
+    def step_with_rules(state, batch):
+        with nn.logical_axis_rules(rules):
+            return train_step(state, batch)
+
+    jitted = jax.jit(step_with_rules, in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, mesh_lib.replicated(mesh)),
+                     donate_argnums=(0,) if donate else ())
+
+    def run(state: TrainState, batch: Batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, {k: batch[k] for k in BATCH_KEYS})
+
+    run.lower = lambda state, batch: jitted.lower(state, {k: batch[k] for k in BATCH_KEYS})  # for inspection
+    return run
+
+
+def make_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a host batch (numpy, the full global batch on a single process) on the mesh."""
+    sh = mesh_lib.data_sharding(mesh)
+    return {k: jax.device_put(jnp.asarray(batch[k], jnp.int32), sh) for k in BATCH_KEYS}
+
