@@ -1,0 +1,473 @@
+"""Grain input pipeline: read -> tokenize -> pack with segment ids -> mix -> batch, sharded per host.
+
+Batch contract (what the training step consumes): a dict of numpy int32 arrays, each ``[B, L]`` with ``B`` the
+per-host batch (``global_batch_size // process_count``) and ``L = seq_len``::
+
+    inputs, targets, segment_ids, positions, loss_mask
+
+Each document ``d = [BOS] + ids + [EOS]`` contributes ``inputs = d[:-1]`` and ``targets = d[1:]`` (so no
+target is lost at packing boundaries). Documents are packed back to back into rows by grain's
+``ConcatThenSplitIterDataset``: ``segment_ids`` number the documents of a row from 1 (0 = padding),
+``positions`` restart at 0 for each document, ``loss_mask`` is 1 on real targets and 0 on padding. A document
+that does not fit in the rest of a row is split there and continues in the next row(s) as a new segment whose
+positions restart at 0 (each piece is attended to on its own); no token is dropped. Training streams repeat
+forever; evaluation streams end after one pass, the last row and the last batch padded (``loss_mask`` 0).
+
+Mixing: each source is packed on its own, then rows are interleaved by grain's ``IterDataset.mix`` with integer
+proportions from the weights, so a source's share of rows (and hence of tokens) follows its weight exactly over
+each period of the deterministic interleaving. Sharding: process ``i`` of ``n`` reads documents ``i::n`` of
+every source (disjoint shards covering all documents), shuffles its shard (reshuffled every epoch) and builds
+its own rows. The returned training iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()``
+(JSON-serializable) resume with exactly the next batch, and ``grain.checkpoint.CheckpointSave`` /
+``CheckpointRestore`` store it in an Orbax checkpoint.
+
+Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
+
+* ``sources``: list of dicts, one per source:
+    - ``name`` (str, unique; required),
+    - ``kind``: ``"corpus"`` (the embedded stdlib corpus, :mod:`llama_jax.data.corpus`), ``"jsonl"`` (one JSON
+      object per line), ``"text"`` (each file one document), ``"array_record"`` (one document per record),
+    - ``path``: a file, a directory (all files below it, sorted) or a glob; for ``"corpus"`` the corpus source,
+      ``"code"`` or ``"prose"`` (default ``"code"``),
+    - ``split``: ``"train"`` (default) / ``"validation"`` select by the stable document hash of
+      :func:`llama_jax.data.corpus.is_validation`; ``"all"`` takes every document (the only choice for
+      ``"array_record"``, whose files are expected to be split already),
+    - ``eval_split``: split read by the evaluation iterator (default ``"validation"``),
+    - ``weight`` (float >= 0, default 1.0; zero leaves the source out of training),
+    - ``text_key``: JSON key of the text (default ``"text"`` for jsonl; for array_record records are raw UTF-8
+      text unless ``text_key`` is given, then each record is a JSON object).
+* ``cache_dir``: where the embedded corpus is built and cached (the run's workdir; required for ``"corpus"``
+  sources unless passed to the iterator functions).
+* ``shuffle`` (bool, default True): shuffle each source's documents (training only).
+* ``num_workers`` (int, default 0): grain worker processes (``mp_prefetch``); 0 reads in the calling process.
+* ``worker_buffer_size`` (int, default 2): batches buffered per worker.
+
+The whole document list of jsonl and text sources is read into memory when the iterator is built; ArrayRecord
+sources are read lazily by index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from llama_jax.data import corpus
+from llama_jax.data.tokenizer import Tokenizer
+
+KINDS = ("corpus", "jsonl", "text", "array_record")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One data source of the config (see the module docstring for the fields)."""
+
+    name: str
+    kind: str
+    path: str | None = None
+    split: str = "train"
+    eval_split: str = "validation"
+    weight: float = 1.0
+    text_key: str | None = None
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any], index: int) -> "SourceSpec":
+        entry = dict(entry)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(entry) - fields
+        if unknown:
+            raise ValueError(f"data source {index}: unknown keys {sorted(unknown)}; expected {sorted(fields)}")
+        if "name" not in entry or not entry["name"]:
+            raise ValueError(f"data source {index}: missing 'name'")
+        spec = cls(**entry)
+        if spec.kind not in KINDS:
+            raise ValueError(f"data source {spec.name!r}: unknown kind {spec.kind!r}; expected one of {KINDS}")
+        for split in (spec.split, spec.eval_split):
+            if split not in ("train", "validation", "all"):
+                raise ValueError(f"data source {spec.name!r}: unknown split {split!r}")
+            if spec.kind == "array_record" and split != "all":
+                raise ValueError(
+                    f"data source {spec.name!r}: array_record sources are read whole; set split and eval_split "
+                    f"to 'all' (got {split!r}) and give pre-split files as separate sources"
+                )
+        if spec.kind != "corpus" and not spec.path:
+            raise ValueError(f"data source {spec.name!r}: kind {spec.kind!r} needs a 'path'")
+        if spec.kind == "corpus" and spec.path not in (None, *corpus.SOURCES):
+            raise ValueError(f"data source {spec.name!r}: corpus path must be one of {corpus.SOURCES}")
+        w = spec.weight
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"data source {spec.name!r}: weight must be a finite number >= 0, got {w!r}")
+        return spec
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default) if hasattr(cfg, key) else default
+
+
+def parse_sources(cfg: Any, key: str = "sources") -> list[SourceSpec]:
+    """Validated :class:`SourceSpec` list from ``cfg[key]``."""
+    entries = _cfg_get(cfg, key)
+    if not entries:
+        raise ValueError(f"data config has no {key!r}")
+    specs = [SourceSpec.from_config(e, i) for i, e in enumerate(entries)]
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate data source names: {duplicates}")
+    return specs
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+
+def _expand_paths(spec: SourceSpec) -> list[str]:
+    path = os.path.expanduser(spec.path)
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(d, f) for d, _, names in os.walk(path) for f in names if not f.startswith(".")
+        )
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise FileNotFoundError(f"data source {spec.name!r}: path not found: {spec.path}")
+    if not files:
+        raise ValueError(f"data source {spec.name!r}: no files under {spec.path}")
+    return files
+
+
+def _read_jsonl(spec: SourceSpec, path: str) -> list[str]:
+    key = spec.text_key or "text"
+    texts = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data source {spec.name!r}: {path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict) or key not in obj:
+                raise ValueError(f"data source {spec.name!r}: {path}:{lineno}: no text key {key!r}")
+            texts.append(str(obj[key]))
+    return texts
+
+
+def _split_filter(texts: list[str], split: str) -> list[str]:
+    if split == "all":
+        return texts
+    want_validation = split == "validation"
+    return [t for t in texts if corpus.is_validation(t) == want_validation]
+
+
+class _DecodeRecord:
+    """ArrayRecord bytes -> text (raw UTF-8, or a JSON object's ``text_key``)."""
+
+    def __init__(self, text_key: str | None):
+        self.text_key = text_key
+
+    def __call__(self, record: bytes) -> str:
+        text = record.decode("utf-8", errors="replace")
+        return str(json.loads(text)[self.text_key]) if self.text_key else text
+
+
+def source_documents(
+    spec: SourceSpec, split: str, cache_dir: str | None, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """A ``MapDataset`` of this process's documents (texts) of one source and split."""
+    if spec.kind == "array_record":
+        files = _expand_paths(spec)
+        src = grain.sources.ArrayRecordDataSource(files)
+        if len(src) == 0:
+            raise ValueError(f"data source {spec.name!r}: no records in {spec.path}")
+        ds = grain.MapDataset.source(src).map(_DecodeRecord(spec.text_key))
+        n = len(src)
+    else:
+        if spec.kind == "corpus":
+            if not cache_dir:
+                raise ValueError(f"data source {spec.name!r}: corpus sources need data.cache_dir (the workdir)")
+            texts = corpus.load_documents(cache_dir, spec.path or "code", "train" if split == "all" else split)
+            if split == "all":
+                texts += corpus.load_documents(cache_dir, spec.path or "code", "validation")
+        elif spec.kind == "jsonl":
+            texts = [t for p in _expand_paths(spec) for t in _read_jsonl(spec, p)]
+            texts = _split_filter(texts, split)
+        else:  # text
+            texts = [corpus.read_text(p) for p in _expand_paths(spec)]
+            texts = _split_filter(texts, split)
+        if not texts:
+            raise ValueError(f"data source {spec.name!r} ({spec.path or spec.kind}) has no documents in split {split!r}")
+        ds = grain.MapDataset.source(texts)
+        n = len(texts)
+    if n < process_count:
+        raise ValueError(
+            f"data source {spec.name!r} has {n} documents in split {split!r}, fewer than {process_count} processes"
+        )
+    return ds[process_index::process_count]
+
+
+# ---- tokenize and pack --------------------------------------------------------------------------------------
+
+
+class TokenizeDocument:
+    """text -> ``{"inputs": d[:-1], "targets": d[1:]}`` with ``d = [BOS] + ids + [EOS]`` (int32)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        d = np.asarray(self.tokenizer.encode(text, bos=True, eos=True, disallowed_special=()), dtype=np.int32)
+        return {"inputs": d[:-1], "targets": d[1:]}
+
+
+def to_batch_contract(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Grain's packed features -> the batch contract's names (one row)."""
+    segment_ids = np.asarray(packed["inputs_segment_ids"], dtype=np.int32)
+    return {
+        "inputs": np.asarray(packed["inputs"], dtype=np.int32),
+        "targets": np.asarray(packed["targets"], dtype=np.int32),
+        "segment_ids": segment_ids,
+        "positions": np.asarray(packed["inputs_positions"], dtype=np.int32),
+        "loss_mask": (segment_ids > 0).astype(np.int32),
+    }
+
+
+def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """Packs tokenized documents into rows of ``seq_len`` in the batch-contract format."""
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"inputs": seq_len, "targets": seq_len}
+    )
+    return packed.map(to_batch_contract)
+
+
+def _source_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags (their defaults) even outside an absl app; allow that."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_train_dataset(
+    cfg: Any,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache_dir: str | None = None,
+) -> grain.IterDataset:
+    """The infinite training ``IterDataset`` of per-host batches (see :func:`make_train_iterator`)."""
+    _check_seq_len(seq_len)
+    process_index, process_count = _process(process_index, process_count)
+    batch = _local_batch_size(global_batch_size, process_count)
+    cache_dir = cache_dir or _cfg_get(cfg, "cache_dir")
+    specs = [s for s in parse_sources(cfg) if s.weight > 0]
+    if not specs:
+        raise ValueError("all data source weights are zero; at least one must be positive")
+    shuffle = bool(_cfg_get(cfg, "shuffle", True))
+    streams, weights = {}, {}
+    for spec in specs:
+        ds = source_documents(spec, spec.split, cache_dir, process_index, process_count)
+        if shuffle:
+            ds = ds.shuffle(seed=_source_seed(seed, spec.name))
+        ds = ds.repeat().map(TokenizeDocument(tokenizer))
+        streams[spec.name] = pack(ds.to_iter_dataset(), seq_len)
+        weights[spec.name] = float(spec.weight)
+    mixed = grain.IterDataset.mix(streams, weights) if len(streams) > 1 else next(iter(streams.values()))
+    out = mixed.batch(batch, drop_remainder=True)
+    num_workers = int(_cfg_get(cfg, "num_workers", 0) or 0)
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        out = out.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=int(_cfg_get(cfg, "worker_buffer_size", 2))
+            )
+        )
+    return out
+
+
+def make_train_iterator(
+    cfg: Any,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache_dir: str | None = None,
+) -> grain.DatasetIterator:
+    """Infinite, checkpointable iterator of per-host training batches (the batch contract).
+
+    Args:
+      cfg: the data config (module docstring).
+      tokenizer: encodes documents; BOS / EOS frame each one.
+      seq_len: row length ``L``.
+      global_batch_size: rows per step over all processes; each process yields ``global_batch_size //
+        process_count`` rows.
+      seed: shuffling seed (the same on all processes).
+      process_index, process_count: this host's shard; default ``jax.process_index()`` / ``process_count()``.
+      cache_dir: overrides ``cfg.cache_dir`` for corpus sources.
+
+    Returns:
+      A ``grain.DatasetIterator`` (``get_state`` / ``set_state``; ``grain.checkpoint`` handler for Orbax).
+    """
+    ds = make_train_dataset(
+        cfg, tokenizer, seq_len, global_batch_size, seed, process_index, process_count, cache_dir
+    )
+    return iter(ds)
+
+
+class EvalIterator(Iterator[dict[str, np.ndarray]]):
+    """Finite, deterministic per-host evaluation batches, the last one padded to the full batch size.
+
+    With ``num_batches`` set it yields exactly that many batches (all-padding batches after the data ends, or
+    stopping early), so that all processes run the same number of evaluation steps.
+    """
+
+    def __init__(self, ds: grain.IterDataset, batch: int, seq_len: int, num_batches: int | None):
+        self._it = iter(ds)
+        self._batch, self._seq_len, self._num_batches = batch, seq_len, num_batches
+        self._count = 0
+        self._exhausted = False
+
+    def _padding(self, rows: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros((rows, self._seq_len), np.int32) for k in BATCH_KEYS}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._num_batches is not None and self._count >= self._num_batches:
+            raise StopIteration
+        if not self._exhausted:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._exhausted = True
+        if self._exhausted:
+            if self._num_batches is None:
+                raise StopIteration
+            batch = self._padding(self._batch)
+        rows = batch["inputs"].shape[0]
+        if rows < self._batch:
+            pad = self._padding(self._batch - rows)
+            batch = {k: np.concatenate([batch[k], pad[k]]) for k in BATCH_KEYS}
+        self._count += 1
+        return batch
+
+
+def make_eval_iterator(
+    cfg: Any,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache_dir: str | None = None,
+    num_batches: int | None = None,
+    sources_key: str = "sources",
+) -> EvalIterator:
+    """One deterministic pass over every source's ``eval_split`` (weights ignored), packed and batched.
+
+    Sources are read in config order without shuffling; ``num_batches`` fixes the number of batches (see
+    :class:`EvalIterator`). ``sources_key`` picks another list of sources in ``cfg`` (e.g. ``"eval_sources"``).
+    """
+    _check_seq_len(seq_len)
+    process_index, process_count = _process(process_index, process_count)
+    batch = _local_batch_size(global_batch_size, process_count)
+    cache_dir = cache_dir or _cfg_get(cfg, "cache_dir")
+    parts = [
+        source_documents(spec, spec.eval_split, cache_dir, process_index, process_count)
+        for spec in parse_sources(cfg, sources_key)
+    ]
+    docs = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
+    ds = pack(docs.map(TokenizeDocument(tokenizer)).to_iter_dataset(), seq_len).batch(batch)
+    return EvalIterator(ds, batch, seq_len, num_batches)
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+    """Host-local numpy batch -> global ``jax.Array`` s (``jax.make_array_from_process_local_data``).
+
+    Args:
+      local_batch: this process's rows, ``[B_local, L]`` per key.
+      sharding: a ``jax.sharding.Sharding`` for every key, or a mapping key -> sharding.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+
+    out = {}
+    for key, value in local_batch.items():
+        s = sharding[key] if isinstance(sharding, Mapping) else sharding
+        out[key] = jax.make_array_from_process_local_data(s, np.asarray(value))
+    return out
+
+
+def embedded_corpus_config(cache_dir: str, code_weight: float = 0.7, prose_weight: float = 0.3) -> dict[str, Any]:
+    """A data config reading the embedded corpus: code and prose mixed by the given weights."""
+    return {
+        "cache_dir": cache_dir,
+        "sources": [
+            {"name": "stdlib_code", "kind": "corpus", "path": "code", "weight": code_weight},
+            {"name": "stdlib_prose", "kind": "corpus", "path": "prose", "weight": prose_weight},
+        ],
+        "shuffle": True,
+        "num_workers": 0,
+    }
+
+
+__all__ = [
+    "BATCH_KEYS",
+    "EvalIterator",
+    "SourceSpec",
+    "TokenizeDocument",
+    "embedded_corpus_config",
+    "make_eval_iterator",
+    "make_global_batch",
+    "make_train_dataset",
+    "make_train_iterator",
+    "pack",
+    "parse_sources",
+    "source_documents",
+    "to_batch_contract",
+]
