@@ -32,8 +32,17 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 Batch = Mapping[str, jax.Array]
 
 
-def loss_sum(model_cfg: ModelConfig, params, batch: Batch):
-    """(sum of masked next-token NLL, number of counted tokens) for one batch."""
+def loss_sum(model_cfg: ModelConfig, params, batch: Batch, loss_chunk: int = 0):
+    """(sum of masked next-token NLL, number of counted tokens) for one batch.
+
+    `loss_chunk > 0` fuses the output head with the loss, `loss_chunk` positions at a time, so the full
+    [B, L, V] float32 logits are never materialised (`loss.chunked_cross_entropy_sum`); same value.
+    """
+    if loss_chunk > 0:
+        hidden, _ = transformer.apply(model_cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                      return_hidden=True)
+        return loss_lib.chunked_cross_entropy_sum(hidden, transformer.output_embedding(model_cfg, params),
+                                                  batch["targets"], batch["loss_mask"], loss_chunk)
     logits, _ = transformer.apply(model_cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"])
     return loss_lib.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
 
@@ -52,7 +61,8 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: int = 1,
-                    loss_fn: Callable | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    loss_fn: Callable | None = None,
+                    loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the pure `train_step(state, batch) -> (state, metrics)`.
 
     `loss_fn(params, batch) -> (loss_sum, count)` defaults to next-token cross-entropy on the model.
@@ -61,7 +71,7 @@ def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: 
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     optimizer = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg)
-    loss_fn = loss_fn or (lambda params, batch: loss_sum(model_cfg, params, batch))
+    loss_fn = loss_fn or (lambda params, batch: loss_sum(model_cfg, params, batch, loss_chunk))
 
     def grad_fn(params, batch):
         (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
