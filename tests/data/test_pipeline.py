@@ -1,0 +1,271 @@
+"""Grain pipeline: batch contract, packing, mixing, per-process shards, checkpointed resume, errors."""
+import json
+import random
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import grain
+from llama_jax.data import pipeline
+
+SEQ_LEN = 64
+
+
+def _write_jsonl(path, texts, key="text"):
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({key: t, "other": 1}) + "\n")
+    return str(path)
+
+
+def _docs(n, seed=0, prefix="doc"):
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "def", "return", "(", ")", "12", "é", "🙂", "\n", "    "]
+    # Lengths from a handful of tokens to several rows, so documents are split across rows.
+    return [f"{prefix}{i} " + " ".join(rng.choice(words) for _ in range(rng.choice([1, 5, 20, 60, 250]))) for i in range(n)]
+
+
+def _expected_stream(tok, texts):
+    inputs, targets = [], []
+    for t in texts:
+        d = tok.encode(t, bos=True, eos=True, disallowed_special=())
+        inputs += d[:-1]
+        targets += d[1:]
+    return inputs, targets
+
+
+def _real_stream(batches):
+    inputs, targets = [], []
+    for b in batches:
+        for row in range(b["inputs"].shape[0]):
+            real = b["loss_mask"][row] == 1
+            inputs += b["inputs"][row][real].tolist()
+            targets += b["targets"][row][real].tolist()
+    return inputs, targets
+
+
+def _check_row_structure(batch, bos_id):
+    assert set(batch) == set(pipeline.BATCH_KEYS)
+    for key, value in batch.items():
+        assert value.dtype == np.int32 and value.shape == batch["inputs"].shape, key
+    for row in range(batch["inputs"].shape[0]):
+        seg, pos = batch["segment_ids"][row], batch["positions"][row]
+        inp, tgt, mask = batch["inputs"][row], batch["targets"][row], batch["loss_mask"][row]
+        np.testing.assert_array_equal(mask, (seg > 0).astype(np.int32))
+        n_real = int(mask.sum())
+        assert np.all(mask[:n_real] == 1) and np.all(mask[n_real:] == 0)  # padding only at the end
+        assert np.all(inp[n_real:] == 0) and np.all(pos[n_real:] == 0)
+        if n_real:
+            assert seg[0] == 1 and pos[0] == 0
+        for j in range(1, n_real):
+            if seg[j] == seg[j - 1]:  # same document: consecutive positions, targets feed the next input
+                assert pos[j] == pos[j - 1] + 1 and inp[j] == tgt[j - 1] and inp[j] != bos_id
+            else:  # a new document (or piece) starts: new segment, positions restart
+                assert seg[j] == seg[j - 1] + 1 and pos[j] == 0
+        starts = np.flatnonzero(inp[:n_real] == bos_id)
+        assert np.all(pos[starts] == 0)
+
+
+def _eval_cfg(path, **extra):
+    return {"sources": [dict(name="src", kind="jsonl", path=path, split="all", eval_split="all", **extra)]}
+
+
+def test_packing_conserves_tokens_and_separates_documents(small_tokenizer, tmp_path):
+    tok = small_tokenizer
+    texts = _docs(80)
+    cfg = _eval_cfg(_write_jsonl(tmp_path / "d.jsonl", texts))
+    batches = list(pipeline.make_eval_iterator(cfg, tok, SEQ_LEN, 4, process_index=0, process_count=1))
+    for b in batches:
+        _check_row_structure(b, tok.bos_id)
+    assert _real_stream(batches) == _expected_stream(tok, texts)
+    n_bos = sum(int(((b["inputs"] == tok.bos_id) & (b["loss_mask"] == 1)).sum()) for b in batches)
+    assert n_bos == len(texts)
+    # Some document is longer than a row, so it must appear as several pieces.
+    assert max(len(tok.encode(t)) for t in texts) > 2 * SEQ_LEN
+
+
+def test_eval_iterator_fixed_number_of_batches(small_tokenizer, tmp_path):
+    cfg = _eval_cfg(_write_jsonl(tmp_path / "d.jsonl", _docs(3)))
+    batches = list(pipeline.make_eval_iterator(cfg, small_tokenizer, SEQ_LEN, 4, 0, 1, num_batches=5))
+    assert len(batches) == 5
+    assert all(b["inputs"].shape == (4, SEQ_LEN) for b in batches)
+    assert batches[-1]["loss_mask"].sum() == 0
+
+
+def test_text_and_array_record_sources(small_tokenizer, tmp_path):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+    texts = _docs(12, seed=3)
+    text_dir = tmp_path / "texts"
+    text_dir.mkdir()
+    for i, t in enumerate(texts):
+        (text_dir / f"{i:03d}.txt").write_text(t)
+    ar_path = str(tmp_path / "docs.array_record")
+    writer = array_record_module.ArrayRecordWriter(ar_path, "group_size:1")
+    for t in texts:
+        writer.write(json.dumps({"body": t}).encode())
+    writer.close()
+    for source in [
+        dict(name="t", kind="text", path=str(text_dir), split="all", eval_split="all"),
+        dict(name="ar", kind="array_record", path=ar_path, split="all", eval_split="all", text_key="body"),
+    ]:
+        batches = list(pipeline.make_eval_iterator({"sources": [source]}, small_tokenizer, SEQ_LEN, 2, 0, 1))
+        assert _real_stream(batches) == _expected_stream(small_tokenizer, texts), source["kind"]
+
+
+def test_two_processes_read_disjoint_shards_covering_everything(small_tokenizer, tmp_path):
+    texts = _docs(41, seed=1)
+    cfg = _eval_cfg(_write_jsonl(tmp_path / "d.jsonl", texts))
+    streams = [
+        _real_stream(pipeline.make_eval_iterator(cfg, small_tokenizer, SEQ_LEN, 4, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    for p in range(2):
+        assert streams[p] == _expected_stream(small_tokenizer, texts[p::2])
+    # Training iterators: each process yields its half of the global batch from its own shard only.
+    train_cfg = {"sources": [dict(name="src", kind="jsonl", path=cfg["sources"][0]["path"], split="all")]}
+    shard_ids = [set(_expected_stream(small_tokenizer, texts[p::2])[0]) for p in range(2)]
+    prefixes = [{t.split(" ")[0] for t in texts[p::2]} for p in range(2)]
+    for p in range(2):
+        it = pipeline.make_train_iterator(train_cfg, small_tokenizer, SEQ_LEN, 8, seed=0, process_index=p, process_count=2)
+        seen = set()
+        for _ in range(30):
+            b = next(it)
+            assert b["inputs"].shape == (4, SEQ_LEN)
+            _check_row_structure(b, small_tokenizer.bos_id)
+            for row in range(4):
+                real = b["inputs"][row][b["loss_mask"][row] == 1]
+                assert set(real.tolist()) <= shard_ids[p]
+                starts = np.flatnonzero(real == small_tokenizer.bos_id)
+                for s in starts:
+                    words = small_tokenizer.decode(real[s + 1 : s + 12].tolist()).split(" ")
+                    if len(words) > 1:  # the "docN" name is complete
+                        seen.add(words[0])
+        assert len(seen) > 5 and seen <= prefixes[p]
+
+
+def test_mixture_proportions_follow_weights(small_tokenizer, tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [("alpha " * 40).strip()] * 20)
+    b = _write_jsonl(tmp_path / "b.jsonl", [("omega? " * 40).strip()] * 20)
+    cfg = ml_collections.ConfigDict(
+        {
+            "sources": [
+                dict(name="a", kind="jsonl", path=a, split="all", weight=0.8),
+                dict(name="b", kind="jsonl", path=b, split="all", weight=0.2),
+            ]
+        }
+    )
+    a_ids = set(small_tokenizer.encode("alpha alpha")) - set(small_tokenizer.encode("omega? omega?"))
+    assert a_ids
+    it = pipeline.make_train_iterator(cfg, small_tokenizer, 32, 8, seed=3, process_index=0, process_count=1)
+    rows_a = rows = 0
+    for _ in range(50):
+        batch = next(it)
+        for row in batch["inputs"]:
+            rows += 1
+            rows_a += bool(a_ids & set(row.tolist()))
+    assert abs(rows_a / rows - 0.8) < 0.03, rows_a / rows
+
+
+def test_resume_from_state_continues_exactly(small_tokenizer, tmp_path):
+    cfg = {
+        "sources": [
+            dict(name="a", kind="jsonl", path=_write_jsonl(tmp_path / "a.jsonl", _docs(30, 4, "a")), weight=2.0, split="all"),
+            dict(name="b", kind="jsonl", path=_write_jsonl(tmp_path / "b.jsonl", _docs(30, 5, "b")), weight=1.0, split="all"),
+        ]
+    }
+
+    def make():
+        return pipeline.make_train_iterator(cfg, small_tokenizer, SEQ_LEN, 4, seed=7, process_index=0, process_count=1)
+
+    it = make()
+    for _ in range(13):  # past one epoch of the smaller shard, so reshuffling and packing state matter
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(6)]
+    resumed = make()
+    resumed.set_state(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(6)]):
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(want[key], got[key])
+    # Through Orbax with grain's handler, as the training checkpoint stores it.
+    it = make()
+    for _ in range(13):
+        next(it)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(13, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    restored = make()
+    manager.restore(13, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    np.testing.assert_array_equal(next(restored)["inputs"], expected[0]["inputs"])
+    manager.close()
+
+
+def test_same_seed_same_batches_and_seed_changes_order(small_tokenizer, tmp_path):
+    cfg = {"sources": [dict(name="a", kind="jsonl", path=_write_jsonl(tmp_path / "a.jsonl", _docs(40)), split="all")]}
+
+    def first(seed):
+        return next(pipeline.make_train_iterator(cfg, small_tokenizer, SEQ_LEN, 4, seed=seed, process_index=0, process_count=1))
+
+    np.testing.assert_array_equal(first(1)["inputs"], first(1)["inputs"])
+    assert not np.array_equal(first(1)["inputs"], first(2)["inputs"])
+
+
+def test_embedded_corpus_pipeline(default_tokenizer, corpus_cache):
+    cfg = pipeline.embedded_corpus_config(corpus_cache)
+    it = pipeline.make_train_iterator(cfg, default_tokenizer, 128, 8, seed=0, process_index=0, process_count=1)
+    batch = next(it)
+    _check_row_structure(batch, default_tokenizer.bos_id)
+    assert batch["inputs"].max() < 4096 and batch["loss_mask"].all()
+    val = pipeline.make_eval_iterator(cfg, default_tokenizer, 128, 8, process_index=0, process_count=1, num_batches=2)
+    assert [b["inputs"].shape for b in val] == [(8, 128), (8, 128)]
+
+
+def test_global_batch_from_process_local_data(small_tokenizer, tmp_path):
+    cfg = _eval_cfg(_write_jsonl(tmp_path / "d.jsonl", _docs(10)))
+    local = next(pipeline.make_eval_iterator(cfg, small_tokenizer, SEQ_LEN, 8, process_index=0, process_count=1))
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    batch = pipeline.make_global_batch(local, sharding)
+    for key in pipeline.BATCH_KEYS:
+        assert batch[key].shape == (8, SEQ_LEN) and batch[key].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(batch[key]), local[key])
+
+
+def test_bad_configs_raise_naming_the_problem(small_tokenizer, tmp_path):
+    tok = small_tokenizer
+    good = _write_jsonl(tmp_path / "g.jsonl", _docs(5))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+
+    def train(sources, **kw):
+        return pipeline.make_train_iterator({"sources": sources}, tok, SEQ_LEN, kw.pop("batch", 4), 0, 0, 1)
+
+    with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
+        train([dict(name="x", kind="jsonl", path=str(tmp_path / "nothere.jsonl"))])
+    with pytest.raises(ValueError, match="'e'.*no documents"):
+        train([dict(name="e", kind="jsonl", path=str(empty), split="all")])
+    with pytest.raises(ValueError, match="'n'.*weight"):
+        train([dict(name="n", kind="jsonl", path=good, weight=-1.0)])
+    with pytest.raises(ValueError, match="all data source weights are zero"):
+        train([dict(name="z", kind="jsonl", path=good, weight=0.0)])
+    with pytest.raises(ValueError, match="'w'.*weight"):
+        train([dict(name="w", kind="jsonl", path=good, weight=float("nan"))])
+    with pytest.raises(ValueError, match="'parquet'"):
+        train([dict(name="p", kind="parquet", path=good)])
+    with pytest.raises(ValueError, match="wieght"):
+        train([dict(name="t", kind="jsonl", path=good, wieght=1.0)])
+    with pytest.raises(ValueError, match="duplicate"):
+        train([dict(name="d", kind="jsonl", path=good), dict(name="d", kind="jsonl", path=good)])
+    with pytest.raises(ValueError, match="no text key 'body'"):
+        train([dict(name="k", kind="jsonl", path=good, text_key="body", split="all")])
+    with pytest.raises(ValueError, match="corpus sources need data.cache_dir"):
+        train([dict(name="c", kind="corpus")])
+    with pytest.raises(ValueError, match="global_batch_size=3"):
+        pipeline.make_train_iterator(
+            {"sources": [dict(name="g", kind="jsonl", path=good, split="all")]}, tok, SEQ_LEN, 3, 0, 0, 2
+        )
