@@ -1,1 +1,2 @@
-"""llama_jax.data."""
+"""llama_jax.data: tokenizer (``tokenizer``), embedded default corpus (``corpus``), grain input pipeline
+(``pipeline``)."""
