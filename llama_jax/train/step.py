@@ -112,6 +112,7 @@ def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: 
         }
         return new_state, metrics
 
+    train_step.grad_accum = grad_accum
     return train_step
 
 
@@ -192,7 +193,10 @@ def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainStat
                      out_shardings=(shardings, mesh_lib.replicated(mesh)),
                      donate_argnums=(0,) if donate else ())
 
+    grad_accum = getattr(train_step, "grad_accum", 1)
+
     def run(state: TrainState, batch: Batch):
+        check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, grad_accum)
         with jax.set_mesh(mesh):
             return jitted(state, {k: batch[k] for k in BATCH_KEYS})
 
