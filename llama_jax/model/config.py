@@ -13,7 +13,7 @@ from typing import Callable
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")
+ATTENTION_BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
