@@ -1,0 +1,30 @@
+"""Converts checkpoints between formats.
+
+    python -m llama_jax.convert --from=hf|meta|llama_jax --to=hf|llama_jax --input=DIR --output=DIR \
+        [--dtype=bfloat16] [--shard_size=5GB]
+
+See `llama_jax.interop.checkpoints` for what streams and the memory needed.
+"""
+
+from absl import app, flags
+
+from llama_jax.interop import checkpoints
+
+_FROM = flags.DEFINE_enum("from", None, list(checkpoints.FORMATS), "Input checkpoint format.")
+_TO = flags.DEFINE_enum("to", None, ["hf", "llama_jax"], "Output checkpoint format.")
+_INPUT = flags.DEFINE_string("input", None, "Input checkpoint directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output checkpoint directory (must not exist or be empty).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Dtype of the written params.")
+_SHARD_SIZE = flags.DEFINE_string("shard_size", "5GB", "Maximum safetensors shard size for --to=hf.")
+flags.mark_flags_as_required(["from", "to", "input", "output"])
+
+
+def main(argv):
+    del argv
+    cfg = checkpoints.convert(_INPUT.value, _OUTPUT.value, _FROM.value, _TO.value, dtype=_DTYPE.value,
+                              shard_size=_SHARD_SIZE.value)
+    print(f"wrote {_TO.value} checkpoint of {cfg.name!r} ({cfg.param_count():,} parameters) to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,55 @@
+"""Text in, text out: checkpoint + tokenizer discovery around `llama_jax.infer.sampling.generate`.
+
+    find_tokenizer(checkpoint, tokenizer=None) -> path of a Meta-format `tokenizer.model`
+    generate_text(checkpoint, prompt, chat=False, ...) -> (completion text, Generation)
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.infer import sampling
+from llama_jax.interop import checkpoints
+
+TOKENIZER_FILES = ("tokenizer.model", os.path.join("original", "tokenizer.model"))
+
+
+def find_tokenizer(checkpoint: str, tokenizer: str | None = None) -> str:
+    if tokenizer:
+        if not os.path.isfile(tokenizer):
+            raise FileNotFoundError(f"tokenizer file {tokenizer!r} does not exist")
+        return tokenizer
+    for name in TOKENIZER_FILES:
+        candidate = os.path.join(checkpoint, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no tokenizer given and none of {list(TOKENIZER_FILES)} found in {checkpoint!r}; "
+                            "pass --tokenizer=PATH")
+
+
+def default_compute_dtype() -> str:
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def generate_text(checkpoint: str, prompt: str, chat: bool = False, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                  quantize: str | None = None, tokenizer: str | None = None,
+                  dtype: str | None = None) -> tuple[str, sampling.Generation]:
+    """Loads `checkpoint` (HF or llama_jax folder), encodes `prompt` (as a one-turn user dialog with `chat`)
+    and returns the decoded completion and the generation record (with timing)."""
+    tok = Tokenizer.from_file(find_tokenizer(checkpoint, tokenizer))
+    cfg, params = checkpoints.load(checkpoint)
+    cfg = cfg.replace(dtype=dtype or default_compute_dtype())
+    if tok.n_words > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocabulary is {cfg.vocab_size}")
+    if chat:
+        ids, _ = tok.encode_dialog([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(prompt, bos=True)
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - len(ids))
+    gen = sampling.generate(cfg, params, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop_ids=tok.stop_ids, quantize=quantize)
+    return tok.decode(gen.tokens[0]), gen
