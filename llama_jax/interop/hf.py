@@ -114,7 +114,8 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         head_dim=None if head_dim is None else int(head_dim), ffn_dim_override=int(hf["intermediate_size"]),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
         max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)))
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
