@@ -22,11 +22,14 @@ tensor cores where the hardware has them (H100 / MI300) and otherwise upcasts th
 an exact emulation (fp8 x fp8 products are exact in float32). CPUs have no fp8 units, so on CPU this path is
 numerics only, not speed.
 
-Measured drift on a random tiny model (dim 64, 2..4 layers, f32 compute; see tests/infer/test_quant.py, whose
-bounds are these with margin):
-  * FP8 vs f32 logits: max |Δ| / max |logit| ≤ 0.05 (measured ≈ 0.02), mean |Δ| / mean |logit| ≤ 0.03;
-  * perplexity of model-sampled text: |ppl_fp8 / ppl_f32 - 1| ≤ 0.02 (measured < 0.005);
-  * for scale, bf16 compute vs f32 gives about a third of the FP8 logit drift on the same model.
+Measured drift (tests/infer/test_quant.py: random tiny model, dim 64, 4 layers of which 2 quantized, vocab 512,
+float32 compute, 120 tokens of text sampled from the model itself; CPU emulation):
+  * logits, FP8 vs f32: max |Δ| / max |logit| = 0.103 (test bound 0.15); mean |Δ| / mean |logit| = 0.074
+    (bound 0.10); max |Δ| = 0.55 on logits of magnitude ~5;
+  * perplexity: 257.6 vs 256.0, |ppl_fp8 / ppl_f32 - 1| = 0.0065 (bound 0.02);
+  * for comparison bf16 compute vs f32 on the same model: 0.052 / 0.026 / 0.0007 (the test requires FP8's
+    max logit error to exceed bf16's). A 64-wide model is a worst case for per-row scaling noise (few terms per
+    dot product to average it out); wider models drift less.
 """
 
 from __future__ import annotations

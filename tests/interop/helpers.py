@@ -19,7 +19,7 @@ def tiny_cfg(**overrides) -> ModelConfig:
 
 def random_params(cfg: ModelConfig, seed: int = 0):
     """Initialised params with random (not all-one) norm gains, so every tensor's mapping is exercised."""
-    params = model.init(cfg, jax.random.key(seed))
+    params = jax.jit(model.init, static_argnums=0)(cfg, jax.random.key(seed))
     rng = np.random.default_rng(seed)
 
     def gains(x):
