@@ -141,6 +141,20 @@ def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, 
                       skipped=rep)
 
 
+def abstract_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, rules) -> TrainState:
+    """The TrainState as ShapeDtypeStructs carrying their target shardings (a restore target; no allocation)."""
+    shardings = state_shardings(model_cfg, optim_cfg, mesh, rules)
+    optimizer = make_optimizer(optim_cfg)
+
+    def create(rng):
+        params = transformer.init(model_cfg, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    shapes = jax.eval_shape(create, jax.random.key(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, rules, rng,
                      params: Any = None) -> tuple[TrainState, TrainState]:
     """Creates (state, shardings) with every array born sharded. `params`, if given, seed the state."""
@@ -201,6 +215,23 @@ def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainStat
             return jitted(state, {k: batch[k] for k in BATCH_KEYS})
 
     run.lower = lambda state, batch: jitted.lower(state, {k: batch[k] for k in BATCH_KEYS})  # for inspection
+    return run
+
+
+def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules, param_shardings, loss_chunk: int = 0):
+    """Compiled `(params, batch) -> (loss_sum, count)` for evaluation, sharded like the train step."""
+    batch_sh = {k: mesh_lib.data_sharding(mesh) for k in BATCH_KEYS}
+
+    def fn(params, batch):
+        with nn.logical_axis_rules(rules):
+            return loss_sum(model_cfg, params, batch, loss_chunk)
+
+    jitted = jax.jit(fn, in_shardings=(param_shardings, batch_sh), out_shardings=mesh_lib.replicated(mesh))
+
+    def run(params, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, {k: batch[k] for k in BATCH_KEYS})
+
     return run
 
 

@@ -1,0 +1,116 @@
+"""Checkpoints: one Orbax CheckpointManager per stage holding the train state, the data-iterator state and
+run metadata, written atomically (Orbax writes to a temporary directory and renames it when complete).
+
+Layout: `<stage_dir>/checkpoints/<step>/{state,data,meta}`.
+  * state: the TrainState (params, optimizer state, step, skipped), restored onto any mesh by giving the target
+    shardings (Orbax reshards on read);
+  * data: the grain iterator state (JSON), so a resumed run continues with exactly the next batch;
+  * meta: JSON (phase index, tokens seen, skipped data windows, ...).
+Retention: keep the last `keep` checkpoints plus every `keep_every`-th step. A checkpoint that fails to restore
+(corrupted or partially deleted after it was committed) is moved aside to `<step>.corrupt` and the previous
+one is used, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class StageCheckpoints:
+    """Save / restore for one stage. `iterator` is the grain DatasetIterator whose state is checkpointed."""
+
+    def __init__(self, directory: str, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options,
+                                     item_names=("state", "data", "meta"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, iterator: Any | None, meta: dict, force: bool = False) -> bool:
+        """Starts an (async) save of `state`, the iterator position and `meta` at `step`."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> tuple[Any, dict]:
+        """Restores step `step` onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding);
+        sets `iterator` to the saved position. Returns (state, meta)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored["meta"] or {})
+
+    def restore_latest(self, abstract_state: Any, iterator_factory) -> tuple[int, Any, Any, dict] | None:
+        """Restores the newest checkpoint that reads back cleanly: (step, state, iterator, meta), or None.
+
+        `iterator_factory(meta_or_None)` builds a fresh iterator for the checkpoint's data phase; a checkpoint
+        that fails to restore is moved aside (`<step>.corrupt`) with a warning and the previous one is tried.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                iterator = iterator_factory(dict(meta))
+                state, meta = self.restore(step, abstract_state, iterator)
+                return step, state, iterator, meta
+            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+                logging.warning("checkpoint %s/%d could not be restored (%s: %s); falling back to the previous one",
+                                self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                self._quarantine(step)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        path = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0 and os.path.exists(path):
+            os.replace(path, f"{path}.corrupt-{int(time.time())}")
+        self._manager = self._open()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def load_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Params only, from a stage checkpoint directory (`.../checkpoints`) or a workdir stage: for `init_from`
+    and for the next stage. Returns (params, step)."""
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {directory!r}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"checkpoint step {step} not found in {directory!r}; available: {steps}")
+    abstract_state = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+            abstract_state), partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"], step
