@@ -6,8 +6,9 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   embedded corpus (the Python standard library's code and docstrings, built locally, no network) with the
   default 4,096-id BPE tokenizer; 300 steps of 16 x 256 tokens, evaluation every 100 steps, samples at the end.
       python -m llama_jax.main --config=experiments/pretrain.py:tiny --workdir=/tmp/llama_tiny
-  Hardware: any CPU (2 cores: about 4 minutes). Expected: train loss falls from ~8.3 (ln 4096) to below 4;
-  validation perplexity printed at steps 100, 200, 300. Knobs: steps, lr, batch, seq_len, warmup, layers, data (a
+  Hardware: any CPU (2 cores: about 4 minutes, ~6k tokens/s). Expected (measured on 2 cores): train loss falls
+  from 8.35 (ln 4096) to about 5.5; validation loss 6.3 / 5.8 / 5.65 (perplexity ~285) at steps 100 / 200 / 300;
+  samples that look like Python and docstring prose. Knobs: steps, lr, batch, seq_len, warmup, layers, data (a
   .jsonl file/glob or text files to train on instead of the embedded corpus), stages (2 adds a long-context
   stage that doubles the sequence length with a 10x lower LR, as in the paper's recipe shape).
 * `llama3.2-1b` — Llama 3.2 1B architecture (tied embeddings), 8K sequences, 4M-token batches, LR 3e-4.

@@ -6,8 +6,9 @@
 See `llama_jax.interop.checkpoints` for what streams and the memory needed.
 """
 
-from absl import app, flags
+from absl import flags
 
+from llama_jax import cli
 from llama_jax.interop import checkpoints
 
 _FROM = flags.DEFINE_enum("from", None, list(checkpoints.FORMATS), "Input checkpoint format.")
@@ -19,12 +20,11 @@ _SHARD_SIZE = flags.DEFINE_string("shard_size", "5GB", "Maximum safetensors shar
 flags.mark_flags_as_required(["from", "to", "input", "output"])
 
 
-def main(argv):
-    del argv
+def main():
     cfg = checkpoints.convert(_INPUT.value, _OUTPUT.value, _FROM.value, _TO.value, dtype=_DTYPE.value,
                               shard_size=_SHARD_SIZE.value)
     print(f"wrote {_TO.value} checkpoint of {cfg.name!r} ({cfg.param_count():,} parameters) to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,15 +3,16 @@
     python -m llama_jax.generate --checkpoint=DIR --prompt="..." [--chat] [--max_new_tokens=256] \
         [--temperature=0] [--top_p=1] [--top_k=0] [--seed=0] [--quantize=fp8] [--tokenizer=PATH]
 
-DIR is a Hugging Face Llama folder or a llama_jax checkpoint folder; the tokenizer is `--tokenizer` or the
+DIR is a training workdir, a Hugging Face Llama folder or a llama_jax checkpoint folder; the tokenizer is `--tokenizer` or the
 `tokenizer.model` (Meta format) inside DIR. Prints the completion and a tokens/s readout.
 """
 
-from absl import app, flags
+from absl import flags
 
+from llama_jax import cli
 from llama_jax.infer import text
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF Llama folder or llama_jax checkpoint folder.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, HF Llama folder or llama_jax checkpoint folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt as a user turn in the Llama 3 chat format.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Maximum number of generated tokens.")
@@ -25,8 +26,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtyp
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 
 
-def main(argv):
-    del argv
+def main():
     completion, gen = text.generate_text(
         _CHECKPOINT.value, _PROMPT.value, chat=_CHAT.value, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value, seed=_SEED.value,
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

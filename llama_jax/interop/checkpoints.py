@@ -1,6 +1,6 @@
 """One entry point for every checkpoint format: detect a folder's format, load it, save to a format, convert.
 
-    detect(path) -> "hf" | "meta" | "llama_jax"
+    detect(path) -> "hf" | "meta" | "llama_jax" | "workdir" (a training run's workdir: its latest checkpoint)
     load(path, fmt=None, dtype="float32") -> (ModelConfig, params)
     save(path, fmt, cfg, params, **kw)
     convert(src, dst, src_fmt, dst_fmt, dtype=None, shard_size=...)
@@ -20,7 +20,7 @@ from typing import Any
 from llama_jax.interop import hf, meta, native
 from llama_jax.model.config import ModelConfig
 
-FORMATS = ("hf", "meta", "llama_jax")
+FORMATS = ("hf", "meta", "llama_jax", "workdir")
 Params = Any
 
 
@@ -30,6 +30,9 @@ def detect(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if native.is_native(path):
         return "llama_jax"
+    from llama_jax.train import checkpoint as train_checkpoint  # noqa: PLC0415 - pulls in orbax/grain
+    if train_checkpoint.is_workdir(path):
+        return "workdir"
     if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
         return "hf"
     if os.path.isfile(os.path.join(path, meta.PARAMS_FILE)):
@@ -44,6 +47,9 @@ def load(path: str | os.PathLike, fmt: str | None = None, dtype="float32") -> tu
         return hf.load(path, dtype=dtype)
     if fmt == "meta":
         return meta.load(path, dtype=dtype)
+    if fmt == "workdir" or (fmt == "llama_jax" and detect(path) == "workdir"):
+        from llama_jax.train import checkpoint as train_checkpoint  # noqa: PLC0415
+        return train_checkpoint.load_workdir(os.fspath(path), dtype=dtype)
     if fmt == "llama_jax":
         return native.load(path, dtype=dtype)
     raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")

@@ -114,3 +114,36 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
             abstract_state), partial_restore=True)))
     manager.close()
     return restored["state"]["params"], step
+
+
+def is_workdir(path: str) -> bool:
+    """A training workdir: the run's config.json plus stages/<name>/checkpoints."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "stages"))
+
+
+def load_workdir(path: str, stage: str | None = None, dtype: str = "float32"):
+    """(ModelConfig, params) of a training workdir: the latest checkpoint of `stage`, by default the last stage
+    of the experiment that has a checkpoint. Params are loaded replicated on the default device."""
+    import json
+
+    import jax.numpy as jnp
+    import ml_collections
+
+    from llama_jax import experiment
+    from llama_jax.model import transformer
+
+    with open(os.path.join(path, "config.json")) as f:
+        c = ml_collections.ConfigDict(json.load(f))
+    stages = [st for st in c.stages if os.path.isdir(os.path.join(path, "stages", st["name"], "checkpoints"))]
+    if stage is not None:
+        stages = [st for st in stages if st["name"] == stage]
+    if not stages:
+        raise FileNotFoundError(f"no stage checkpoints{' for stage ' + repr(stage) if stage else ''} in workdir "
+                                f"{path!r}")
+    st = stages[-1]
+    cfg = experiment.resolve_model(c, st).replace(remat="none")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            transformer.param_shapes(cfg))
+    params, _ = load_params(os.path.join(path, "stages", st["name"], "checkpoints"), abstract)
+    return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)

@@ -21,6 +21,7 @@ import collections
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import zlib
@@ -53,11 +54,21 @@ class Preempted(SystemExit):
 
 
 def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+    """The run's tokenizer (config.tokenizer, or the embedded default one), also copied to
+    `<workdir>/tokenizer.model` so that the workdir is a self-contained checkpoint for `llama_jax.generate`."""
     if c.tokenizer:
         if not os.path.exists(c.tokenizer):
             raise FileNotFoundError(f"config.tokenizer: {c.tokenizer!r} does not exist")
-        return Tokenizer.from_file(c.tokenizer)
-    return corpus_lib.default_tokenizer(data_cache_dir(c, workdir))
+        path = c.tokenizer
+    else:
+        cache = data_cache_dir(c, workdir)
+        corpus_lib.default_tokenizer(cache)  # trains and caches it on first use
+        path = os.path.join(corpus_lib.corpus_dir(cache), f"tokenizer-{corpus_lib.DEFAULT_BPE_RANKS}.model")
+    target = os.path.join(workdir, "tokenizer.model")
+    if jax.process_index() == 0 and not os.path.exists(target):
+        shutil.copyfile(path, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    return Tokenizer.from_file(path)
 
 
 def data_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
@@ -233,7 +244,9 @@ class StageRunner:
                     p_step, p_phase, p_metrics, p_t0 = pending
                     host = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                     dt = (current[3] if current else time.perf_counter()) - p_t0
-                    if p_phase in throughput:  # the first step of a shape includes compilation: not timed
+                    if current is None:  # the last step's wall time would include the final save: not timed
+                        pass
+                    elif p_phase in throughput:  # the first step of a shape includes compilation: not timed
                         host.update(throughput[p_phase].update(int(host["tokens"]), dt))
                     else:
                         throughput[p_phase] = metrics_lib.Throughput(

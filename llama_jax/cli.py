@@ -1,0 +1,57 @@
+"""What the absl entry points share: one-line errors for bad flags and bad input, quiet library logs."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for configuration and input errors.")
+
+# Errors that mean "the user's input is wrong" (unknown key, missing file, bad shape): reported in one line.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of checkpointing internals (every rename and thread hand-off); keeps warnings."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e
+    while isinstance(msg, BaseException) and msg.args:
+        msg = msg.args[0]
+    lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # a config file raised: keep its last line
+        lines = [lines[0].split(": Error whilst")[0] + ":", lines[-1]]
+    return " ".join(lines)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        print(f"llama_jax: error: bad flag: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Parses flags, then runs `main()`; a USER_ERRORS exception becomes `llama_jax: error: ...` and exit 2."""
+    def wrapped(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.get_absl_handler().addFilter(_QuietLibraries())
+        try:
+            main()
+        except USER_ERRORS as e:
+            if _TRACEBACK.value:
+                raise
+            logging.flush()
+            print(f"llama_jax: error: {_one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped, flags_parser=_parse_flags)

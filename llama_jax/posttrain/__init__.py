@@ -1,1 +1,0 @@
-"""llama_jax.posttrain."""
