@@ -20,29 +20,16 @@ import time
 import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.model import config
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import step as step_lib
+from llama_jax.train import metrics
 from llama_jax.train.optim import OptimConfig
 
 H100_BF16_DENSE_PEAK = 989e12
-
-
-def measured_matmul_peak(n: int, dtype) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
 
 
 def make_batch(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -105,7 +92,7 @@ def main() -> None:
     device = jax.devices()[0]
     kind = f"{device.platform}: {device.device_kind}"
     print(f"device {kind}, jax {jax.__version__}", flush=True)
-    peak = measured_matmul_peak(matmul_n, jnp.bfloat16)
+    peak = metrics.measure_matmul_peak("bfloat16", size=matmul_n, repeats=10)
     print(f"measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
 
     rows, notes = [], []

@@ -109,18 +109,10 @@ def _time_steps(step_once, warmup: int, steps: int, base_rss_kib: int):
 
 def child_peak(args) -> dict:
     import jax
-    import jax.numpy as jnp
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(8):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return {"peak_flops": 2.0 * n ** 3 / best, "device": str(jax.devices()[0].device_kind)}
+
+    from llama_jax.train import metrics
+    return {"peak_flops": metrics.measure_matmul_peak("float32", size=2048, repeats=8),
+            "device": str(jax.devices()[0].device_kind)}
 
 
 def child_llama_jax(v: dict, args) -> dict:

@@ -64,6 +64,7 @@ def get_config(arg: str | None = None):
     if a.variant == "llama3.2-1b":
         c.model.preset = "llama3.2-1b"
         c.model.dtype = "bfloat16"
+        c.model.attention = "auto"  # cuDNN flash attention on GPU, splash on TPU
         c.model.remat = "save_dots_no_batch"
         c.mesh.update(data=1, fsdp=-1)
         c.sharding_rules = "fsdp"
@@ -76,6 +77,7 @@ def get_config(arg: str | None = None):
         p = _PAPER[a.variant]
         c.model.preset = a.variant
         c.model.dtype = "bfloat16"
+        c.model.attention = "auto"
         c.model.remat = "save_dots_no_batch"
         c.mesh.update(data=1, fsdp=-1, tensor=p["tensor"])
         c.sharding_rules = "fsdp_tp" if p["tensor"] > 1 else "fsdp"

@@ -158,15 +158,16 @@ class StageRunner:
     def compiled_step(self, phase: int, poisoned: bool = False):
         key = (phase, int(poisoned))
         if key not in self.steps:
-            loss_fn = None
-            if poisoned:  # debug: a NaN loss for this batch (exercises the skip / rollback path)
-                def loss_fn(p, b):
-                    total, count = step_lib.loss_sum(self.model_cfg, p, b, int(self.st["loss_chunk"]))
-                    return total * jnp.nan, count
             fn = step_lib.make_train_step(self.model_cfg, self.optim_cfg, int(self.st["grad_accum"]),
-                                          loss_fn=loss_fn, loss_chunk=int(self.st["loss_chunk"]))
+                                          loss_fn=self._nan_loss if poisoned else None,
+                                          loss_chunk=int(self.st["loss_chunk"]))
             self.steps[key] = step_lib.jit_train_step(fn, self.mesh, self.rules, self.shardings)
         return self.steps[key]
+
+    def _nan_loss(self, params, batch):
+        """debug.nan_at_steps: the real loss times NaN, so the loss and every gradient are non-finite."""
+        total, count = step_lib.loss_sum(self.model_cfg, params, batch, int(self.st["loss_chunk"]))
+        return total * jnp.nan, count
 
     def to_device(self, batch_np):
         return pipeline.make_global_batch({k: batch_np[k] for k in step_lib.BATCH_KEYS},
