@@ -104,25 +104,69 @@ def _batches_by_step(workdir):
     return [seen[i] for i in sorted(seen)]
 
 
-def test_sigkill_mid_stage_then_resume_is_bitwise_identical(data_cache, tmp_path):
-    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def reference_run(data_cache, tmp_path_factory):
+    """An uninterrupted 12-step run of the command-line job."""
+    ref_dir = tmp_path_factory.mktemp("reference")
     subprocess.run(_main_cmd(ref_dir, data_cache), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_main_cmd(killed_dir, data_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    ckpt = killed_dir / "stages/pretrain/checkpoints/4"
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+    return ref_dir
+
+
+def _wait_for(path: pathlib.Path, proc, lines: int = 0, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and (not lines or len(path.read_text().splitlines()) >= lines):
+            return
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "stages/pretrain/DONE.json").exists()
-    subprocess.run(_main_cmd(killed_dir, data_cache), check=True, capture_output=True, timeout=600)
-    ref_params, ref_step = _final_params(ref_dir)
-    params, step = _final_params(killed_dir)
+    raise AssertionError(f"{path} did not appear before the run ended (exit code {proc.poll()})")
+
+
+def _assert_same_as_reference(workdir, reference_run):
+    ref_params, ref_step = _final_params(reference_run)
+    params, step = _final_params(workdir)
     assert step == ref_step == 12
     jax.tree.map(np.testing.assert_array_equal, params, ref_params)
-    assert _batches_by_step(killed_dir) == _batches_by_step(ref_dir)
-    assert len(_batches_by_step(ref_dir)) == 12
+    assert _batches_by_step(workdir) == _batches_by_step(reference_run)
+    assert len(_batches_by_step(reference_run)) == 12
+
+
+def test_sigkill_mid_stage_then_resume_is_bitwise_identical(data_cache, tmp_path, reference_run):
+    proc = subprocess.Popen(_main_cmd(tmp_path, data_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / "stages/pretrain/checkpoints/4", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "stages/pretrain/DONE.json").exists()
+    subprocess.run(_main_cmd(tmp_path, data_cache), check=True, capture_output=True, timeout=600)
+    _assert_same_as_reference(tmp_path, reference_run)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_identical(data_cache, tmp_path, reference_run):
+    cmd = _main_cmd(tmp_path, data_cache, "--config.checkpoint.every_steps=100")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "stages/pretrain/batches.jsonl", proc, lines=3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "SIGTERM: checkpoint saved at step" in err, err[-2000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "stages/pretrain/checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] >= 3 and steps[-1] < 12  # saved at the step boundary where the signal was seen
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    _assert_same_as_reference(tmp_path, reference_run)
+
+
+def test_init_from_starts_from_another_runs_parameters(data_cache, tmp_path, reference_run):
+    c = _config(data_cache, "tiny,steps=2,batch=8,seq_len=32,warmup=2,layers=2",
+                init_from=str(reference_run / "stages/pretrain/checkpoints"))
+    c.sample.max_new_tokens = 0
+    c.eval.batches = 0
+    loop.run_experiment(c, str(tmp_path))
+    ref_params, _ = _final_params(reference_run)
+    # Step 0 of the new run is the reference's final parameters (checkpointed at the start of the stage).
+    cfg = model_config.get("tiny", n_layers=2)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=mesh_lib.replicated(mesh_lib.make_mesh())),
+                            model.param_shapes(cfg))
+    start, _ = ckpt_lib.load_params(os.path.join(tmp_path, "stages/pretrain/checkpoints"), abstract, step=0)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(start), ref_params)
 
 
 def test_checkpoint_restores_onto_other_meshes_with_equal_logits(tmp_path):
