@@ -7,7 +7,8 @@ all variants do exactly the same work; random token ids.
 
 Variants, each in its own subprocess (so memory is per variant and XLA flags can differ):
   llama_jax            `train.step.make_train_step` + `jit_train_step` (sharded jit, donated state) as shipped:
-                       remat none, attention "xla", full logits, 1 device.
+                       remat none, attention "auto" (= "xla_blocked" on CPU), full logits, 1 device.
+  llama_jax-fused      the shipped step with the fused chunked loss (`loss_chunk=128`).
   llama_jax-lean       the same step with the memory-lean settings (LEAN below): chunked fused loss
                        (`loss_chunk=128`) and blockwise "xla_chunked" attention.
   llama_jax-2dev       the shipped step on a 2-device data-parallel mesh (2 simulated CPU devices, 2 cores).
@@ -48,15 +49,16 @@ README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 SECTION = "## Train throughput (tiny-bench)"
 
 # Settings tried on the 2-core CPU (see the README section): none of the XLA:CPU flags tried helped
-# (`--xla_cpu_experimental_xnn_fusion_type=dot` was ~2x slower), and the chunked loss / blockwise attention cut
-# memory at a speed cost, so the fastest configuration is the shipped one and "-lean" is the memory-lean one.
+# (`--xla_cpu_experimental_xnn_fusion_type=dot` was ~2x slower). "-lean" is the memory-lean configuration.
 LEAN = {"remat": "none", "attention": "xla_chunked", "loss_chunk": 128}
 
 VARIANTS = {
-    "llama_jax": {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "xla", "loss_chunk": 0,
+    "llama_jax": {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "auto", "loss_chunk": 0,
                   "xla_flags": ""},
+    "llama_jax-fused": {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "auto", "loss_chunk": 128,
+                        "xla_flags": ""},
     "llama_jax-lean": {"kind": "llama_jax", "devices": 1, **LEAN, "xla_flags": ""},
-    "llama_jax-2dev": {"kind": "llama_jax", "devices": 2, "remat": "none", "attention": "xla", "loss_chunk": 0,
+    "llama_jax-2dev": {"kind": "llama_jax", "devices": 2, "remat": "none", "attention": "auto", "loss_chunk": 0,
                        "xla_flags": ""},
     "flax-naive": {"kind": "flax_naive", "devices": 1, "xla_flags": ""},
     "hf-torch": {"kind": "hf_torch"},
@@ -337,17 +339,15 @@ NOTES = """\
 tokens/s = 4,096 / median step time; MFU uses `ModelConfig.flops_per_token(512)` (≈66 MFLOP/token, 75% of it
 the 32000-wide output head) against the measured matmul peak above; "peak RSS Δ" is the peak resident set
 during the timed steps (compilation excluded) minus the resident set after imports; "XLA temp" is the
-compiled step's scratch buffer size. The 2 cores were shared with other jobs while measuring: repeated runs
-of the same variant varied by up to ±40%, so read the ratios, not the absolute times.
+compiled step's scratch buffer size. Run on an otherwise idle machine: under load, the figures (and
+especially PyTorch's) move by 2-4x, so compare rows of one run only.
 
-- `llama_jax`: the shipped step (sharded jit, donated state, scanned layers, remat none, attention "xla",
-  full float32 logits). `llama_jax-lean`: the same step with `loss_chunk=128` (fused chunked cross-entropy,
-  no [B, L, V] logits) and attention "xla_chunked" (blockwise online softmax, no [T, S] scores kept for the
-  backward pass): about half the memory of the shipped step, and in this run also the fastest (smaller working
-  set; in separate probes under heavier load the chunked loss alone was up to 2x slower than full logits,
-  because its backward recomputes the head matmul, so the speed gain is not established).
-- 2 simulated devices on 2 cores (`llama_jax-2dev`, data parallel) are slower than 1 device: XLA:CPU already
-  uses both cores inside one device's matmuls, and the split adds a gradient all-reduce.
+- `llama_jax`: the shipped step (sharded jit, donated state, scanned layers, remat none, attention "auto" =
+  "xla_blocked" on CPU, full float32 logits). `llama_jax-fused`: the same with the fused chunked
+  cross-entropy (`loss_chunk=128`, no [B, L, V] logits kept). `llama_jax-lean`: `loss_chunk=128` plus
+  "xla_chunked" attention (online softmax, no [T, S] scores kept for the backward pass), the least memory.
+- `llama_jax-2dev`: 2 simulated devices on the 2 cores (data parallel); XLA:CPU already uses both cores inside
+  one device's matmuls, so the split mostly adds a gradient all-reduce.
 - XLA:CPU flags tried: `--xla_cpu_experimental_xnn_fusion_type=dot` (XNNPACK dots) was ~2x slower; defaults
   kept. Matmul precision is the default (float32). Remat policies other than "none" were not measured here.
 - Baselines: `flax-naive` (Python loop over Linen layers, repeat_kv, full logits, optax, plain `jax.jit`) and

@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none",
-                                             attention="xla", scan_layers=True))
+                                             attention="auto", scan_layers=True))
     c.tokenizer = ""  # path to a Meta tokenizer.model; "" = the embedded default tokenizer (trained, cached)
     # cache_dir: where the embedded corpus and default tokenizer are built ("" = <workdir>/data_cache).
     c.data = ml_collections.ConfigDict(dict(sources=[], shuffle=True, num_workers=0, worker_buffer_size=2,

@@ -12,6 +12,9 @@ padding; padding attends only to padding, so no row is ever fully masked and no 
 Backends (all compute the same function; `ATTENTION_BACKENDS` in model.config lists them):
   "xla"          the reference: einsum + float32 softmax over the full [T, S] scores, GQA without materialising
                  repeated K/V. Memory O(T·S) per head, forward and backward.
+  "xla_blocked"  exact causal query blocks for training shapes (T = S, offset 0): block i attends to keys
+                 [0, end of block i) only, skipping the masked upper triangle; the fastest choice on CPU.
+                 Other shapes fall back to the reference.
   "xla_chunked"  pure-JAX blockwise ("flash-like") attention: an online softmax over key blocks and a custom
                  VJP that recomputes each block's probabilities from the saved log-sum-exp, so forward and
                  backward keep O(T·block) per head instead of O(T·S). Runs on every platform.
@@ -23,7 +26,7 @@ Backends (all compute the same function; `ATTENTION_BACKENDS` in model.config li
                  KV head. Training shapes only (q_offset = 0, T = S, T a multiple of the 128-wide blocks when
                  T > 128). Imported lazily.
   "auto"         cudnn on a GPU for bfloat16 / float16 training shapes, splash on a TPU for training shapes,
-                 otherwise xla.
+                 xla_blocked for other training shapes, otherwise (decoding) xla.
 A backend that the platform cannot run raises a ValueError that names the backend, the platform and the
 alternative, never a kernel compiler error.
 """
@@ -66,6 +69,34 @@ def xla_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_BTS: Array) 
     return out.reshape(b, t, h, dh).astype(q_BTHD.dtype)
 
 
+def causal_blocks_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, q_segment_ids: Array,
+                            kv_segment_ids: Array, block: int = 128) -> Array:
+    """Exact causal attention for training shapes (T == S, offset 0) that skips the masked upper triangle at
+    block granularity: query block [i, i+block) attends only to keys [0, i+block). With n blocks this computes
+    (n+1)/(2n) of the full T x S square, and each block's scores are small enough to stay in cache, so on CPU
+    it runs about 2.5x faster than the reference at T = 512 (benchmarks/README.md). Heads are laid out
+    [B, K, G, T, Dh] so that both products are plain batched matmuls."""
+    b, t, h, dh = q_BTHD.shape
+    kheads = k_BSKD.shape[2]
+    g = h // kheads
+    q = q_BTHD.reshape(b, t, kheads, g, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    k = k_BSKD.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+    v = v_BSKD.transpose(0, 2, 1, 3)
+    scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, start:end], k[:, :, :end],
+                            preferred_element_type=jnp.float32) * scale
+        causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        mask = causal[None] & (q_segment_ids[:, start:end, None] == kv_segment_ids[:, None, :end])
+        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, :end], preferred_element_type=jnp.float32))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q_BTHD.dtype)
+
+
 def _is_static_zero(x) -> bool:
     return isinstance(x, int) and x == 0
 
@@ -84,6 +115,8 @@ def resolve_backend(backend: str, q_BTHD: Array, k_BSKD: Array, q_offset=0) -> s
         return "cudnn"
     if platform == "tpu" and _training_shapes(q_BTHD, k_BSKD, q_offset) and _splash_shapes_ok(q_BTHD.shape[1]):
         return "splash"
+    if _training_shapes(q_BTHD, k_BSKD, q_offset):
+        return "xla_blocked"
     return "xla"
 
 
@@ -96,6 +129,10 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, *, q_segm
     if backend == "xla":
         mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
         return xla_attention(q_BTHD, k_BSKD, v_BSKD, mask)
+    if backend == "xla_blocked":
+        if not _training_shapes(q_BTHD, k_BSKD, q_offset):  # decode / chunked prefill: the reference
+            return xla_attention(q_BTHD, k_BSKD, v_BSKD, attention_mask(q_segment_ids, kv_segment_ids, q_offset))
+        return causal_blocks_attention(q_BTHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids)
     if backend == "xla_chunked":
         return chunked_attention(q_BTHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset)
     if backend == "cudnn":
@@ -103,7 +140,7 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, *, q_segm
     if backend == "splash":
         return splash_attention(q_BTHD, k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of "
-                     "('xla', 'xla_chunked', 'cudnn', 'splash', 'auto')")
+                     "('xla', 'xla_blocked', 'xla_chunked', 'cudnn', 'splash', 'auto')")
 
 
 # ------------------------------------------------------------------------------------ xla_chunked (flash)

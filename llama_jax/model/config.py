@@ -13,7 +13,7 @@ from typing import Callable
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
+ATTENTION_BACKENDS = ("xla", "xla_blocked", "xla_chunked", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master copy of the parameters
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "xla"
+    attention: str = "auto"  # see llama_jax.model.attention; "xla" is the plain reference
     init_std: float = 0.02
 
     def __post_init__(self):

@@ -40,7 +40,8 @@ def _run(backend, q, k, v, qs, ks, off, **kw):
 
 
 @pytest.mark.parametrize("backend,h,k", [("xla_chunked", 4, 2), ("xla_chunked", 6, 1), ("xla_chunked", 4, 4),
-                                         ("auto", 4, 2), ("jax_nn_xla", 6, 2)])
+                                         ("xla_blocked", 4, 2), ("xla_blocked", 6, 1), ("auto", 4, 2),
+                                         ("jax_nn_xla", 6, 2)])
 def test_training_shapes_forward_and_grads(backend, h, k):
     b, t, dh = 2, 40, 8
     q, kk, v, rng = _qkv(b, t, t, h, k, dh)
@@ -70,8 +71,24 @@ def test_chunked_block_sizes_including_non_dividing(block):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("block", [5, 16, 37])
+def test_causal_blocks_with_non_dividing_blocks(block):
+    b, t, h, k, dh = 2, 37, 6, 2, 8
+    q, kk, v, rng = _qkv(b, t, t, h, k, dh, seed=4)
+    seg = _segments(rng, b, t)
+    ref = _run("xla", q, kk, v, seg, seg, 0)
+    out = attn.causal_blocks_attention(q, kk, v, seg, seg, block=block)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    w = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(_run("xla", *a, seg, seg, 0) * w), argnums=(0, 1, 2))(q, kk, v)
+    g = jax.grad(lambda *a: jnp.sum(attn.causal_blocks_attention(*a, seg, seg, block=block) * w),
+                 argnums=(0, 1, 2))(q, kk, v)
+    for a, r in zip(g, g_ref):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend,t,offset", [("xla_chunked", 1, 0), ("xla_chunked", 5, 9), ("auto", 1, 13),
-                                              ("jax_nn_xla", 5, 9)])
+                                              ("xla_blocked", 5, 9), ("jax_nn_xla", 5, 9)])
 def test_decode_shapes_with_offset(backend, t, offset):
     """Queries at slots [offset, offset + t) over a 24-slot cache whose unwritten slots have segment id 0."""
     b, s, h, k, dh = 2, 24, 4, 2, 8
@@ -152,8 +169,8 @@ def test_unknown_backend_and_auto_resolution():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         _run("flash", q, kk, v, seg, seg, 0)
     if ON == "cpu":
-        assert attn.resolve_backend("auto", q, kk, 0) == "xla"
-    assert set(config_lib.ATTENTION_BACKENDS) == {"xla", "xla_chunked", "cudnn", "splash", "auto"}
+        assert attn.resolve_backend("auto", q, kk, 0) == "xla_blocked"
+    assert set(config_lib.ATTENTION_BACKENDS) == {"xla", "xla_blocked", "xla_chunked", "cudnn", "splash", "auto"}
     # decode shapes never go to a fused training kernel
     assert attn.resolve_backend("auto", q[:, :1], kk, 5) == "xla"
 
