@@ -346,8 +346,10 @@ especially PyTorch's) move by 2-4x, so compare rows of one run only.
   "xla_blocked" on CPU, full float32 logits). `llama_jax-fused`: the same with the fused chunked
   cross-entropy (`loss_chunk=128`, no [B, L, V] logits kept). `llama_jax-lean`: `loss_chunk=128` plus
   "xla_chunked" attention (online softmax, no [T, S] scores kept for the backward pass), the least memory.
-- `llama_jax-2dev`: 2 simulated devices on the 2 cores (data parallel); XLA:CPU already uses both cores inside
-  one device's matmuls, so the split mostly adds a gradient all-reduce.
+- `llama_jax-2dev`: 2 simulated devices on the 2 cores (data parallel, `--xla_force_host_platform_device_count=2`).
+  Under load it was slower than 1 device; on the idle machine it was the fastest llama_jax row (0.92x PyTorch):
+  each device runs its half-batch's elementwise work on its own core, which XLA:CPU does not parallelise well
+  inside one device.
 - XLA:CPU flags tried: `--xla_cpu_experimental_xnn_fusion_type=dot` (XNNPACK dots) was ~2x slower; defaults
   kept. Matmul precision is the default (float32). Remat policies other than "none" were not measured here.
 - Baselines: `flax-naive` (Python loop over Linen layers, repeat_kv, full logits, optax, plain `jax.jit`) and
