@@ -269,3 +269,19 @@ def test_stage_steps_convert_tokens_exactly():
     assert total * 1 > bounds[2][0]
     with pytest.raises(ValueError, match="exactly one of steps"):
         E.stage_steps(E.stage("s", [E.phase(8, 8)], E.optim(1e-3, 1), steps=3, tokens=100))
+
+
+def test_workdir_is_a_checkpoint_for_generate_and_convert(reference_run, tmp_path):
+    from llama_jax.infer import text
+    from llama_jax.interop import checkpoints
+
+    assert checkpoints.detect(reference_run) == "workdir"
+    cfg, params = checkpoints.load(reference_run)
+    assert cfg.n_layers == 2 and cfg.vocab_size == 4096
+    ref_params, _ = _final_params(reference_run)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ref_params)
+    completion, gen = text.generate_text(str(reference_run), "def ", max_new_tokens=5)
+    assert isinstance(completion, str) and gen.generated_tokens >= 1
+    checkpoints.convert(reference_run, tmp_path / "hf", None, "hf")
+    cfg_hf, params_hf = checkpoints.load(tmp_path / "hf")
+    np.testing.assert_allclose(params_hf["lm_head"], ref_params["lm_head"])
