@@ -289,6 +289,15 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _host_setup(cfg: Any, seq_len: int, global_batch_size: int, process_index: int | None,
+                process_count: int | None, cache_dir: str | None) -> tuple[int, int, int, str | None]:
+    """Validated (process_index, process_count, per-host batch, corpus cache dir) for an iterator."""
+    _check_seq_len(seq_len)
+    process_index, process_count = _process(process_index, process_count)
+    batch = _local_batch_size(global_batch_size, process_count)
+    return process_index, process_count, batch, cache_dir or _cfg_get(cfg, "cache_dir")
+
+
 def make_train_dataset(
     cfg: Any,
     tokenizer: Tokenizer,
@@ -300,10 +309,8 @@ def make_train_dataset(
     cache_dir: str | None = None,
 ) -> grain.IterDataset:
     """The infinite training ``IterDataset`` of per-host batches (see :func:`make_train_iterator`)."""
-    _check_seq_len(seq_len)
-    process_index, process_count = _process(process_index, process_count)
-    batch = _local_batch_size(global_batch_size, process_count)
-    cache_dir = cache_dir or _cfg_get(cfg, "cache_dir")
+    process_index, process_count, batch, cache_dir = _host_setup(
+        cfg, seq_len, global_batch_size, process_index, process_count, cache_dir)
     specs = [s for s in parse_sources(cfg) if s.weight > 0]
     if not specs:
         raise ValueError("all data source weights are zero; at least one must be positive")
@@ -414,10 +421,8 @@ def make_eval_iterator(
     Sources are read in config order without shuffling; ``num_batches`` fixes the number of batches (see
     :class:`EvalIterator`). ``sources_key`` picks another list of sources in ``cfg`` (e.g. ``"eval_sources"``).
     """
-    _check_seq_len(seq_len)
-    process_index, process_count = _process(process_index, process_count)
-    batch = _local_batch_size(global_batch_size, process_count)
-    cache_dir = cache_dir or _cfg_get(cfg, "cache_dir")
+    process_index, process_count, batch, cache_dir = _host_setup(
+        cfg, seq_len, global_batch_size, process_index, process_count, cache_dir)
     parts = [
         source_documents(spec, spec.eval_split, cache_dir, process_index, process_count)
         for spec in parse_sources(cfg, sources_key)

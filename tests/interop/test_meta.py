@@ -53,7 +53,7 @@ def apply_scaling(freqs):  # Meta's llama-models `apply_scaling`
 
 def meta_reference_logits(sd, tokens):
     """Meta's reference Llama 3 forward (complex interleaved RoPE, repeat_kv GQA), float32, no cache."""
-    d, h, k, dh, eps = 64, 4, 2, 16, 1e-5
+    h, k, dh, eps = 4, 2, 16, 1e-5
     freqs = apply_scaling(1.0 / (500000.0 ** (torch.arange(0, dh, 2)[: dh // 2].float() / dh)))
     t = torch.arange(tokens.shape[1], dtype=torch.float32)
     freqs_cis = torch.polar(torch.ones(t.shape[0], dh // 2), torch.outer(t, freqs))
