@@ -68,6 +68,10 @@ class StageCheckpoints:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["meta"] or {})
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint `step` alone (cheap: no arrays are read)."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+
     def restore_latest(self, abstract_state: Any, iterator_factory) -> tuple[int, Any, Any, dict] | None:
         """Restores the newest checkpoint that reads back cleanly: (step, state, iterator, meta), or None.
 
@@ -76,8 +80,7 @@ class StageCheckpoints:
         """
         for step in reversed(self.all_steps()):
             try:
-                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                iterator = iterator_factory(dict(meta))
+                iterator = iterator_factory(self.read_meta(step))
                 state, meta = self.restore(step, abstract_state, iterator)
                 return step, state, iterator, meta
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable

@@ -176,7 +176,8 @@ class StageRunner:
     # ------------------------------------------------------------------------------------------ restore
 
     def restore_or_init(self):
-        abstract = step_lib.abstract_train_state(self.model_cfg, self.optim_cfg, self.mesh, self.rules)
+        self.abstract = abstract = step_lib.abstract_train_state(self.model_cfg, self.optim_cfg, self.mesh,
+                                                                 self.rules)
         self.shardings = jax.tree.map(lambda x: x.sharding, abstract)
         restored = self.ckpts.restore_latest(abstract, lambda meta: self.make_iterator(int(meta.get("phase", 0))))
         if restored is not None:
@@ -316,10 +317,8 @@ class StageRunner:
         if not candidates:
             raise RuntimeError(f"stage {self.name!r}: no checkpoint before bad step {first_bad} to roll back to")
         target = candidates[-1]
-        abstract = step_lib.abstract_train_state(self.model_cfg, self.optim_cfg, self.mesh, self.rules)
-        meta_saved = self.ckpts.restore(target, abstract, None)[1]
-        it = self.make_iterator(int(meta_saved.get("phase", 0)))
-        state, meta_saved = self.ckpts.restore(target, abstract, it)
+        it = self.make_iterator(int(self.ckpts.read_meta(target).get("phase", 0)))
+        state, meta_saved = self.ckpts.restore(target, self.abstract, it)
         skip = current_step - target
         for _ in range(skip):
             next(it)

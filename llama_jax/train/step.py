@@ -141,17 +141,18 @@ def state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, 
                       skipped=rep)
 
 
+def _new_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, rng, params: Any = None) -> TrainState:
+    """A fresh TrainState: `params` (or a random init from `rng`) with a new optimizer state at step 0."""
+    if params is None:
+        params = transformer.init(model_cfg, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(optim_cfg).init(params),
+                      skipped=jnp.zeros((), jnp.int32))
+
+
 def abstract_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh, rules) -> TrainState:
     """The TrainState as ShapeDtypeStructs carrying their target shardings (a restore target; no allocation)."""
     shardings = state_shardings(model_cfg, optim_cfg, mesh, rules)
-    optimizer = make_optimizer(optim_cfg)
-
-    def create(rng):
-        params = transformer.init(model_cfg, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
-
-    shapes = jax.eval_shape(create, jax.random.key(0))
+    shapes = jax.eval_shape(lambda r: _new_state(model_cfg, optim_cfg, r), jax.random.key(0))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
@@ -159,19 +160,12 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh,
                      params: Any = None) -> tuple[TrainState, TrainState]:
     """Creates (state, shardings) with every array born sharded. `params`, if given, seed the state."""
     shardings = state_shardings(model_cfg, optim_cfg, mesh, rules)
-    optimizer = make_optimizer(optim_cfg)
-
-    def create(rng, params):
-        if params is None:
-            params = transformer.init(model_cfg, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                          skipped=jnp.zeros((), jnp.int32))
-
     with jax.set_mesh(mesh):
         if params is None:
-            state = jax.jit(lambda r: create(r, None), out_shardings=shardings)(rng)
+            state = jax.jit(lambda r: _new_state(model_cfg, optim_cfg, r), out_shardings=shardings)(rng)
         else:
-            state = jax.jit(create, in_shardings=(None, shardings.params), out_shardings=shardings)(rng, params)
+            state = jax.jit(lambda r, p: _new_state(model_cfg, optim_cfg, r, p),
+                            in_shardings=(None, shardings.params), out_shardings=shardings)(rng, params)
     return state, shardings
 
 
