@@ -245,12 +245,38 @@ def to_batch_contract(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     }
 
 
+class _SlicesAsTuples(grain.IterDataset):
+    """Passes the packer's rows through; restores its state's slices as tuples after a JSON round trip.
+
+    Grain's packer marks "no partly used document" with the slice ``(-1, -1)`` and compares with ``!=``; JSON
+    turns the tuple into the list ``[-1, -1]``, which then reads as a remainder, so a state saved where a row
+    ends at a document boundary (always the case at step 0) would resume one document late.
+    """
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SlicesAsTuplesIterator(self._parent.__iter__())
+
+
+class _SlicesAsTuplesIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        slices = state.get("remainder_slices")
+        if isinstance(slices, Mapping):
+            state = {**state, "remainder_slices": {k: tuple(v) for k, v in slices.items()}}
+        self._parent.set_state(state)
+
+
 def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     """Packs tokenized documents into rows of ``seq_len`` in the batch-contract format."""
     packed = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={"inputs": seq_len, "targets": seq_len}
     )
-    return packed.map(to_batch_contract)
+    return _SlicesAsTuples(packed).map(to_batch_contract)
 
 
 def _source_seed(seed: int, name: str) -> int:

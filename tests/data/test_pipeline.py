@@ -205,6 +205,45 @@ def test_resume_from_state_continues_exactly(small_tokenizer, tmp_path):
     manager.close()
 
 
+def _boundary_states(state) -> int:
+    """How many packers in an iterator state stand at a document boundary (no partly used document)."""
+    if isinstance(state, dict):
+        here = int(all(tuple(v) == (-1, -1) for v in state["remainder_slices"].values())
+                   if "remainder_slices" in state else 0)
+        return here + sum(_boundary_states(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_boundary_states(v) for v in state)
+    return 0
+
+
+def test_resume_after_json_round_trip_at_every_step_including_step_0(small_tokenizer, tmp_path):
+    # Documents of 4, 8 or 12 tokens, so that rows of 16 often end exactly at a document
+    # boundary; the state at step 0 always does.
+    rng = random.Random(3)
+    candidates = [f"d{j} " + " ".join(rng.choice(["x", "yy", "def"]) for _ in range(rng.choice([0, 1, 2, 3, 9])))
+                  for j in range(400)]
+    lengths = {t: len(small_tokenizer.encode(t, bos=True, eos=True)) - 1 for t in candidates}
+    docs = [t for t in candidates if lengths[t] in (4, 8, 12)][:40]
+    sources = [dict(name="s", kind="jsonl", path=_write_jsonl(tmp_path / "s.jsonl", docs), split="all")]
+
+    def make():
+        return pipeline.make_train_iterator({"sources": sources}, small_tokenizer, 16, 2, seed=5,
+                                            process_index=0, process_count=1)
+
+    it = make()
+    boundaries = []
+    for step in range(8):
+        state = it.get_state()
+        boundaries.append(_boundary_states(state))
+        resumed = make()
+        resumed.set_state(json.loads(json.dumps(state)))  # as the checkpoint stores it
+        want, got = next(it), next(resumed)
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(want[key], got[key], err_msg=f"step {step} {key}")
+    assert boundaries[0] == 1 and any(boundaries[1:]), boundaries  # a boundary after step 0 too
+    assert not all(boundaries[1:]), boundaries  # and a partly used document
+
+
 def test_same_seed_same_batches_and_seed_changes_order(small_tokenizer, tmp_path):
     cfg = {"sources": [dict(name="a", kind="jsonl", path=_write_jsonl(tmp_path / "a.jsonl", _docs(40)), split="all")]}
 

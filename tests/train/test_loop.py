@@ -140,6 +140,21 @@ def test_sigkill_mid_stage_then_resume_is_bitwise_identical(data_cache, tmp_path
     _assert_same_as_reference(tmp_path, reference_run)
 
 
+def test_sigkill_before_the_first_periodic_checkpoint_resumes_from_step_0_bitwise(data_cache, tmp_path,
+                                                                                 reference_run):
+    # Only the stage's step-0 checkpoint exists when the run is killed: the data iterator's state at a document
+    # boundary must survive its JSON round trip, or the resumed run reads other batches.
+    cmd = _main_cmd(tmp_path, data_cache, "--config.checkpoint.every_steps=100")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / "stages/pretrain/batches.jsonl", proc, lines=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(p.name for p in (tmp_path / "stages/pretrain/checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["0"], steps
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    _assert_same_as_reference(tmp_path, reference_run)
+
+
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_identical(data_cache, tmp_path, reference_run):
     cmd = _main_cmd(tmp_path, data_cache, "--config.checkpoint.every_steps=100")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
