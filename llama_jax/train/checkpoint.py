@@ -9,18 +9,94 @@ Layout: `<stage_dir>/checkpoints/<step>/{state,data,meta}`.
 Retention: keep the last `keep` checkpoints plus every `keep_every`-th step. A checkpoint that fails to restore
 (corrupted or partially deleted after it was committed) is moved aside to `<step>.corrupt` and the previous
 one is used, with a warning.
+
+Checksums: once a save is committed, process 0 writes `<step>/checksums.json` (atomically: a temporary file
+renamed into place) with the size and CRC-32 of every file of the checkpoint; a restore first verifies them
+(`verify_checkpoint`), so bytes flipped on disk after the save (bit rot, a bad copy) are reported as
+`CorruptCheckpointError` naming the file instead of restoring wrong numbers. The checksums of an async save are
+written when the save is next waited for (the next save, `wait()` or `close()`); a checkpoint without a
+checksum file (the process died in between, or an older run) restores unverified.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import zlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+CHECKSUM_FILE = "checksums.json"
+_CHUNK = 16 * 1024 * 1024
+
+
+class CorruptCheckpointError(ValueError):
+    """A committed checkpoint whose files no longer match the checksums written with it (or are missing)."""
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checkpoint_files(step_dir: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(step_dir):
+        files += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+    return sorted(f for f in files if f != CHECKSUM_FILE and not f.startswith(CHECKSUM_FILE + ".tmp"))
+
+
+def write_checksums(step_dir: str) -> dict:
+    """Writes `<step_dir>/checksums.json`: size and CRC-32 of every file of a committed checkpoint."""
+    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "crc32": _crc32(os.path.join(step_dir, rel))}
+             for rel in _checkpoint_files(step_dir)}
+    record = {"algorithm": "crc32", "files": files}
+    tmp = os.path.join(step_dir, f"{CHECKSUM_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+    return record
+
+
+def verify_checkpoint(step_dir: str) -> bool:
+    """Checks a checkpoint directory (`.../checkpoints/<step>`) against its checksums.json.
+
+    Returns True when every listed file is present with its recorded size and CRC-32, False when the checkpoint
+    has no checksum file (nothing to verify); raises `CorruptCheckpointError` (one line naming the checkpoint
+    and the first bad file) otherwise.
+    """
+    path = os.path.join(step_dir, CHECKSUM_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"checkpoint {step_dir}: unreadable {CHECKSUM_FILE} ({e})") from None
+    for rel, want in sorted(files.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            raise CorruptCheckpointError(f"checkpoint {step_dir}: file {rel} is missing")
+        size = os.path.getsize(full)
+        if size != want["size"]:
+            raise CorruptCheckpointError(f"checkpoint {step_dir}: file {rel} has {size} bytes, "
+                                         f"{want['size']} were written")
+        crc = _crc32(full)
+        if crc != want["crc32"]:
+            raise CorruptCheckpointError(f"checkpoint {step_dir}: file {rel} fails its checksum "
+                                         f"(crc32 {crc:08x}, {want['crc32']:08x} written): its bytes changed on disk")
+    return True
 
 
 class StageCheckpoints:
@@ -32,6 +108,7 @@ class StageCheckpoints:
             max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
         self._manager = self._open()
+        self._unchecksummed: list[int] = []  # saved steps whose checksums are not written yet
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options,
@@ -51,17 +128,37 @@ class StageCheckpoints:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # the previous save is committed (Orbax would wait here too): write its checksums first
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            self._unchecksummed.append(step)
+            if not self._options.enable_async_checkpointing:
+                self._write_checksums()
+        return saved
+
+    def _write_checksums(self) -> None:
+        for step in self._unchecksummed:
+            step_dir = os.path.join(self.directory, str(step))
+            if jax.process_index() == 0 and os.path.isdir(step_dir):
+                write_checksums(step_dir)
+        self._unchecksummed = []
+
+    def verify(self, step: int) -> bool:
+        """`verify_checkpoint` of checkpoint `step` (raises `CorruptCheckpointError` when its bytes changed)."""
+        return verify_checkpoint(os.path.join(self.directory, str(step)))
 
     def delete(self, step: int) -> None:
         self._manager.delete(step)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._write_checksums()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> tuple[Any, dict]:
         """Restores step `step` onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding);
-        sets `iterator` to the saved position. Returns (state, meta)."""
+        sets `iterator` to the saved position. Returns (state, meta). Verifies the checkpoint's checksums first
+        (`CorruptCheckpointError` when its files changed on disk)."""
+        self.verify(step)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -96,7 +193,7 @@ class StageCheckpoints:
         self._manager = self._open()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
@@ -110,6 +207,7 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"checkpoint step {step} not found in {directory!r}; available: {steps}")
+    verify_checkpoint(os.path.join(os.path.abspath(directory), str(step)))
     abstract_state = {"params": abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=jax.tree.map(
