@@ -11,8 +11,9 @@ replicated (shard 0 is used). Meta's RoPE rotates adjacent channel pairs (2i, 2i
 rotate-half layout (i, i + Dh/2), so the rows of every head of `wq` and `wk` are permuted once here
 (the permutation of transformers' `convert_llama_weights_to_hf.py`).
 
-Shards are opened with `torch.load(..., weights_only=True, mmap=True)`: no pickled code runs, and tensors are
-paged in from disk only when a layer is assembled, so peak host memory is about one stacked [L, ...] tensor
+Shards are read without torch by `llama_jax.interop.pth.load`: a restricted unpickler that builds tensors only
+(any other pickled global is refused, so no code from the file runs) over a memory map of the shard, so tensors
+are paged in from disk only when a layer is assembled and peak host memory is about one stacked [L, ...] tensor
 (see `llama_jax.interop.hf.assemble`).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.interop import hf
+from llama_jax.interop import hf, pth
 from llama_jax.model.config import ModelConfig, RopeScaling
 
 Params = Any
@@ -96,16 +97,6 @@ def rotate_half_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, dh // 2, d).transpose(0, 2, 1, 3).reshape(rows, d)
 
 
-def _to_numpy(t) -> np.ndarray:
-    import torch  # noqa: PLC0415  (only needed for Meta checkpoints)
-
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes  # noqa: PLC0415
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
 def shard_files(path: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
@@ -120,8 +111,6 @@ def shard_files(path: str) -> list[str]:
 def load(path: str | os.PathLike, dtype="float32", shardings=None,
          max_seq_len: int | None = None) -> tuple[ModelConfig, Params]:
     """Loads a Meta consolidated checkpoint folder as (ModelConfig, scanned params in `dtype`)."""
-    import torch  # noqa: PLC0415
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Meta checkpoint directory {path!r} does not exist")
@@ -131,7 +120,10 @@ def load(path: str | os.PathLike, dtype="float32", shardings=None,
     with open(pfile) as f:
         pj = json.load(f)
     files = shard_files(path)
-    shards = [torch.load(fn, map_location="cpu", weights_only=True, mmap=True) for fn in files]
+    shards = [pth.load(fn) for fn in files]
+    for fn, sd in zip(files, shards):
+        if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+            raise ValueError(f"{fn!r} is not a state dict of tensors")
     n = len(shards)
     if "tok_embeddings.weight" not in shards[0]:
         raise ValueError(f"{files[0]!r} has no 'tok_embeddings.weight'")
@@ -156,7 +148,7 @@ def load(path: str | os.PathLike, dtype="float32", shardings=None,
                              f"unexpected tensors {unexpected[:8]}")
 
     def merged(meta_name: str, axis: int | None) -> np.ndarray:
-        parts = [_to_numpy(sd[meta_name]) for sd in (shards[:1] if axis is None else shards)]
+        parts = [sd[meta_name] for sd in (shards[:1] if axis is None else shards)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
     def get(hf_name: str) -> np.ndarray:
