@@ -28,7 +28,8 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
     - ``kind``: ``"corpus"`` (the embedded stdlib corpus, :mod:`llama_jax.data.corpus`), ``"jsonl"`` (one JSON
       object per line), ``"text"`` (each file one document), ``"array_record"`` (one document per record),
     - ``path``: a file, a directory (all files below it, sorted) or a glob; for ``"corpus"`` the corpus source,
-      ``"code"`` or ``"prose"`` (default ``"code"``),
+      ``"code"`` or ``"prose"`` (default ``"code"``); files named ``*.jsonl`` under a directory or glob of a
+      ``"text"`` source are read as JSON lines,
     - ``split``: ``"train"`` (default) / ``"validation"`` select by the stable document hash of
       :func:`llama_jax.data.corpus.is_validation`; ``"all"`` takes every document (the only choice for
       ``"array_record"``, whose files are expected to be split already),
@@ -43,7 +44,9 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
 * ``worker_buffer_size`` (int, default 2): batches buffered per worker.
 
 The whole document list of jsonl and text sources is read into memory when the iterator is built; ArrayRecord
-sources are read lazily by index.
+sources are read lazily by index. Text must be UTF-8 and a record's text a JSON string: a malformed record
+(invalid JSON or UTF-8, a missing, null or non-string text) is an error; for jsonl and text sources all of them
+are counted first and reported in one line naming the first few (``path:line: reason``).
 """
 
 from __future__ import annotations
@@ -148,21 +151,74 @@ def _expand_paths(spec: SourceSpec) -> list[str]:
     return files
 
 
-def _read_jsonl(spec: SourceSpec, path: str) -> list[str]:
+def _file_kind(spec: SourceSpec, path: str) -> str:
+    """How one file of a source is read: files named ``*.jsonl`` found under a directory or by a glob are read as
+    JSON lines whatever the source's kind, so a folder of jsonl files is never trained on as raw JSON text."""
+    if spec.kind == "text" and path.endswith(".jsonl") and os.path.abspath(path) != os.path.abspath(
+            os.path.expanduser(spec.path)):
+        return "jsonl"
+    return spec.kind
+
+
+def _utf8(raw: bytes, where: str, problems: list[str]) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.append(f"{where}: invalid UTF-8 at byte {e.start}")
+        return None
+
+
+def _record_text(obj: Any, key: str, where: str, problems: list[str]) -> str | None:
+    """The text of one JSON record, or None (and a line in `problems`) when it has no string under `key`."""
+    if not isinstance(obj, dict) or key not in obj:
+        problems.append(f"{where}: no text key {key!r}")
+    elif not isinstance(obj[key], str):
+        problems.append(f"{where}: text {key!r} is {'null' if obj[key] is None else type(obj[key]).__name__}, "
+                        "not a string")
+    else:
+        return obj[key]
+    return None
+
+
+def _read_jsonl(spec: SourceSpec, path: str, problems: list[str]) -> list[str]:
     key = spec.text_key or "text"
     texts = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
+            line = _utf8(raw, f"{path}:{lineno}", problems)
+            if line is None or not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"data source {spec.name!r}: {path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(obj, dict) or key not in obj:
-                raise ValueError(f"data source {spec.name!r}: {path}:{lineno}: no text key {key!r}")
-            texts.append(str(obj[key]))
+                problems.append(f"{path}:{lineno}: invalid JSON ({e})")
+                continue
+            text = _record_text(obj, key, f"{path}:{lineno}", problems)
+            if text is not None:
+                texts.append(text)
+    return texts
+
+
+def _read_text(path: str, problems: list[str]) -> list[str]:
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path, problems)
+    return [] if text is None else [text]
+
+
+def _read_files(spec: SourceSpec) -> list[str]:
+    """Every document of a jsonl / text source, each file read by its kind. Malformed records (invalid JSON or
+    UTF-8, a missing, null or non-string text) are all counted and reported in one error naming the first."""
+    problems: list[str] = []
+    texts = []
+    for path in _expand_paths(spec):
+        if _file_kind(spec, path) == "jsonl":
+            texts += _read_jsonl(spec, path, problems)
+        else:
+            texts += _read_text(path, problems)
+    if problems:
+        shown = "; ".join(problems[:3])
+        raise ValueError(f"data source {spec.name!r}: {len(problems)} malformed record"
+                         f"{'s' if len(problems) > 1 else ''}: {shown}{'; ...' if len(problems) > 3 else ''}")
     return texts
 
 
@@ -174,14 +230,24 @@ def _split_filter(texts: list[str], split: str) -> list[str]:
 
 
 class _DecodeRecord:
-    """ArrayRecord bytes -> text (raw UTF-8, or a JSON object's ``text_key``)."""
+    """ArrayRecord bytes -> text (raw UTF-8, or a JSON object's ``text_key``); a malformed record (invalid UTF-8
+    or JSON, no string text) raises naming the source and the record (records are read lazily, by index)."""
 
-    def __init__(self, text_key: str | None):
-        self.text_key = text_key
+    def __init__(self, spec: SourceSpec):
+        self.name, self.text_key = spec.name, spec.text_key
 
-    def __call__(self, record: bytes) -> str:
-        text = record.decode("utf-8", errors="replace")
-        return str(json.loads(text)[self.text_key]) if self.text_key else text
+    def __call__(self, index: int, record: bytes) -> str:
+        problems: list[str] = []
+        where = f"record {index}"
+        text = _utf8(record, where, problems)
+        if text is not None and self.text_key:
+            try:
+                text = _record_text(json.loads(text), self.text_key, where, problems)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: invalid JSON ({e})")
+        if problems:
+            raise ValueError(f"data source {self.name!r}: malformed {problems[0]}")
+        return text
 
 
 def source_documents(
@@ -193,7 +259,7 @@ def source_documents(
         src = grain.sources.ArrayRecordDataSource(files)
         if len(src) == 0:
             raise ValueError(f"data source {spec.name!r}: no records in {spec.path}")
-        ds = grain.MapDataset.source(src).map(_DecodeRecord(spec.text_key))
+        ds = grain.MapDataset.source(src).map_with_index(_DecodeRecord(spec))
         n = len(src)
     else:
         if spec.kind == "corpus":
@@ -202,12 +268,8 @@ def source_documents(
             texts = corpus.load_documents(cache_dir, spec.path or "code", "train" if split == "all" else split)
             if split == "all":
                 texts += corpus.load_documents(cache_dir, spec.path or "code", "validation")
-        elif spec.kind == "jsonl":
-            texts = [t for p in _expand_paths(spec) for t in _read_jsonl(spec, p)]
-            texts = _split_filter(texts, split)
-        else:  # text
-            texts = [corpus.read_text(p) for p in _expand_paths(spec)]
-            texts = _split_filter(texts, split)
+        else:  # jsonl, text
+            texts = _split_filter(_read_files(spec), split)
         if not texts:
             raise ValueError(f"data source {spec.name!r} ({spec.path or spec.kind}) has no documents in split {split!r}")
         ds = grain.MapDataset.source(texts)

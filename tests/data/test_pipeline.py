@@ -117,6 +117,57 @@ def test_text_and_array_record_sources(small_tokenizer, tmp_path):
         assert _real_stream(batches) == _expected_stream(small_tokenizer, texts), source["kind"]
 
 
+def test_directory_and_glob_read_each_file_by_its_kind(small_tokenizer, tmp_path):
+    texts = _docs(9, seed=6)
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    _write_jsonl(folder / "a.jsonl", texts[:4])
+    _write_jsonl(folder / "sub/b.jsonl", texts[4:8])
+    (folder / "z.txt").write_text(texts[8])  # read in sorted path order: a, sub/b, z
+    want = _expected_stream(small_tokenizer, texts)
+    for path in (str(folder), str(folder / "**/*")):
+        source = dict(name="d", kind="text", path=path, split="all", eval_split="all")
+        batches = list(pipeline.make_eval_iterator({"sources": [source]}, small_tokenizer, SEQ_LEN, 2, 0, 1))
+        assert _real_stream(batches) == want, path  # documents, not the raw JSON lines
+
+
+def test_malformed_records_are_counted_and_reported_in_one_line(small_tokenizer, tmp_path):
+    good = json.dumps({"text": "fine"})
+    lines = [good.encode(), b'{"text": null}', b'{"text": 7}', b'{"text": "caf\\u00e9 ok"}', b'{"text": "bad \xff"}',
+             b'{"txt": "x"}', b"{not json", good.encode()]
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "latin1.txt").write_bytes("naïve".encode("latin-1"))
+
+    def read(source):
+        return pipeline.make_eval_iterator({"sources": [dict(name="m", split="all", eval_split="all", **source)]},
+                                           small_tokenizer, SEQ_LEN, 2, 0, 1)
+
+    with pytest.raises(ValueError) as err:
+        read(dict(kind="jsonl", path=str(tmp_path / "d.jsonl")))
+    message = str(err.value)
+    assert "\n" not in message and "'m': 5 malformed records" in message, message
+    assert "d.jsonl:2: text 'text' is null, not a string" in message and "d.jsonl:3: text 'text' is int" in message
+    assert "d.jsonl:5: invalid UTF-8 at byte" in message
+    with pytest.raises(ValueError, match=r"1 malformed record: .*latin1\.txt: invalid UTF-8 at byte 2"):
+        read(dict(kind="text", path=str(tmp_path / "latin1.txt")))
+
+
+def test_array_record_with_invalid_utf8_or_null_text_is_named(small_tokenizer, tmp_path):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+    for name, record in [("utf8", b"ok \xff"), ("null", json.dumps({"body": None}).encode())]:
+        path = str(tmp_path / f"{name}.array_record")
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        writer.write(json.dumps({"body": "fine"}).encode() if name == "null" else b"fine")
+        writer.write(record)
+        writer.close()
+        source = dict(name=name, kind="array_record", path=path, split="all", eval_split="all",
+                      text_key="body" if name == "null" else None)
+        with pytest.raises(ValueError, match=rf"'{name}': malformed record 1: "
+                                             rf"({'invalid UTF-8' if name == 'utf8' else 'text .body. is null'})"):
+            list(pipeline.make_eval_iterator({"sources": [source]}, small_tokenizer, SEQ_LEN, 2, 0, 1))
+
+
 def test_two_processes_read_disjoint_shards_covering_everything(small_tokenizer, tmp_path):
     texts = _docs(41, seed=1)
     cfg = _eval_cfg(_write_jsonl(tmp_path / "d.jsonl", texts))
