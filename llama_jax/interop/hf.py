@@ -29,11 +29,13 @@ reads one layer slice at a time from the (possibly device-resident) params and w
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -358,7 +360,9 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
         raise FileExistsError(f"{path!r} exists and is not empty; pass overwrite=True to replace it")
     limit = _parse_size(shard_size)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    remove_stale_staging(path)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + STAGING_SUFFIX, dir=os.path.dirname(path))
+    lock = _lock_staging(tmp)
     try:
         names_per_shard: list[list[str]] = []
         current: dict[str, np.ndarray] = {}
@@ -393,7 +397,56 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
             json.dump(config_to_hf(cfg, out_dtype or "float32"), f, indent=2)
         if os.path.exists(path):
             shutil.rmtree(path)
+        os.remove(os.path.join(tmp, _STAGING_LOCK))
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+# A save assembles its folder in `<path>.tmp-XXXX` holding an exclusive flock on `.lock` inside it; the kernel
+# drops the lock when the process dies, so a staging folder whose lock can be taken is left over from an
+# interrupted save (kill -9, power loss) and is removed by the next save to the same path.
+STAGING_SUFFIX = ".tmp-"
+_STAGING_LOCK = ".lock"
+_UNLOCKED_GRACE_S = 60.0  # a staging folder without a lock file is another save's only in its first instant
+
+
+def _lock_staging(tmp: str) -> int:
+    fd = os.open(os.path.join(tmp, _STAGING_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale_staging(path: str | os.PathLike) -> list[str]:
+    """Removes the staging folders (`<path>.tmp-*`) that interrupted saves to `path` left behind; folders of a
+    save still running (its lock held) are kept. Returns the removed folders."""
+    path = os.path.abspath(os.fspath(path))
+    parent, prefix = os.path.dirname(path), os.path.basename(path) + STAGING_SUFFIX
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        tmp = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(tmp) or os.path.islink(tmp):
+            continue
+        lock_path = os.path.join(tmp, _STAGING_LOCK)
+        if not os.path.exists(lock_path):
+            if time.time() - os.path.getmtime(tmp) < _UNLOCKED_GRACE_S:
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            try:
+                fd = os.open(lock_path, os.O_RDWR)
+            except FileNotFoundError:  # its save just finished or cleaned up
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a save in progress
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                os.close(fd)
+        removed.append(tmp)
+    return removed
