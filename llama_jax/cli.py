@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 from typing import Callable
 
@@ -10,8 +11,10 @@ from absl import app, flags, logging
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for configuration and input errors.")
 
-# Errors that mean "the user's input is wrong" (unknown key, missing file, bad shape): reported in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Errors that mean "the user's input is wrong" (unknown key, missing file, bad shape, a path that is a file or
+# not writable): reported in one line.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -22,6 +25,8 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # OSError(errno, strerror, filename): its args[0] is a number
+        return f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
     msg = e
     while isinstance(msg, BaseException) and msg.args:
         msg = msg.args[0]
@@ -29,6 +34,19 @@ def _one_line(e: BaseException) -> str:
     if any(line.startswith("Traceback") for line in lines):  # a config file raised: keep its last line
         lines = [lines[0].split(": Error whilst")[0] + ":", lines[-1]]
     return " ".join(lines)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """A directory flag that the command writes into: refuses a path that is a file or not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{flag}={path} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):  # the nearest existing ancestor is where the folders get created
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{flag}={path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag}={path}: {existing} is not writable")
 
 
 def _parse_flags(argv):

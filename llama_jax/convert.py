@@ -6,6 +6,8 @@
 See `llama_jax.interop.checkpoints` for what streams and the memory needed.
 """
 
+import os
+
 from absl import flags
 
 from llama_jax import cli
@@ -21,6 +23,9 @@ flags.mark_flags_as_required(["from", "to", "input", "output"])
 
 
 def main():
+    cli.check_output_dir(_OUTPUT.value, "--output")
+    if os.path.isdir(_OUTPUT.value) and os.listdir(_OUTPUT.value):
+        raise FileExistsError(f"--output={_OUTPUT.value} exists and is not empty; remove it or choose another folder")
     cfg = checkpoints.convert(_INPUT.value, _OUTPUT.value, _FROM.value, _TO.value, dtype=_DTYPE.value,
                               shard_size=_SHARD_SIZE.value)
     print(f"wrote {_TO.value} checkpoint of {cfg.name!r} ({cfg.param_count():,} parameters) to {_OUTPUT.value}")

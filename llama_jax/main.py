@@ -25,6 +25,7 @@ def main():
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
+    cli.check_output_dir(_WORKDIR.value, "--workdir")
 
     loop.run_experiment(_CONFIG.value, _WORKDIR.value)
 

@@ -99,6 +99,20 @@ def verify_checkpoint(step_dir: str) -> bool:
     return True
 
 
+def describe_error(e: BaseException, limit: int = 400) -> str:
+    """One line for a failed checkpoint read: the error and its causes (`a <- b`), first line of each, without
+    the TensorStore spec that Orbax appends to array read errors."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 4:
+        seen.add(id(e))
+        text = str(e).split(" See full TensorStore details")[0].strip()
+        line = text.splitlines()[0].strip() if text else ""
+        parts.append(f"{type(e).__name__}: {line}" if line else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    out = " <- ".join(parts)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
 class StageCheckpoints:
     """Save / restore for one stage. `iterator` is the grain DatasetIterator whose state is checkpointed."""
 
@@ -181,8 +195,8 @@ class StageCheckpoints:
                 state, meta = self.restore(step, abstract_state, iterator)
                 return step, state, iterator, meta
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                logging.warning("checkpoint %s/%d could not be restored (%s: %s); falling back to the previous one",
-                                self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                logging.warning("checkpoint %s/%d could not be restored (%s); falling back to the previous one",
+                                self.directory, step, describe_error(e))
                 self._quarantine(step)
         return None
 
@@ -233,6 +247,8 @@ def load_workdir(path: str, stage: str | None = None, dtype: str = "float32"):
     from llama_jax import experiment
     from llama_jax.model import transformer
 
+    if not is_workdir(path):
+        raise FileNotFoundError(f"{path!r} is not a training workdir: it has no config.json and stages/ folder")
     with open(os.path.join(path, "config.json")) as f:
         c = ml_collections.ConfigDict(json.load(f))
     stages = [st for st in c.stages if os.path.isdir(os.path.join(path, "stages", st["name"], "checkpoints"))]

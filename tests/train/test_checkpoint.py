@@ -96,3 +96,21 @@ def test_missing_file_is_corrupt_and_no_checksum_file_restores_unverified(tmp_pa
     with pytest.raises(ckpt_lib.CorruptCheckpointError, match="is missing"):
         ck.verify(1)
     ck.close()
+
+
+def test_unreadable_checkpoint_without_checksums_is_one_warning_line_naming_the_cause(tmp_path, caplog):
+    ck = ckpt_lib.StageCheckpoints(str(tmp_path / "ck"), async_save=False)
+    ck.save(4, _state(4.0), None, {"phase": 0})
+    ck.save(8, _state(8.0), None, {"phase": 0})
+    ck.wait()
+    (tmp_path / "ck/8" / ckpt_lib.CHECKSUM_FILE).unlink()  # unverified: Orbax's own read must fail
+    for f in (tmp_path / "ck/8/state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:50])  # truncated array files
+    caplog.set_level(logging.WARNING)
+    step, _, _, _ = ck.restore_latest(_abstract(_state(0.0)), lambda meta: None)
+    assert step == 4
+    (warning,) = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
+    assert "\n" not in warning and "TensorStore details" not in warning and "OUT_OF_RANGE" in warning, warning
+    assert len(warning) < 600, warning
+    ck.close()
