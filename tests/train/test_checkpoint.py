@@ -114,3 +114,16 @@ def test_unreadable_checkpoint_without_checksums_is_one_warning_line_naming_the_
     assert "\n" not in warning and "TensorStore details" not in warning and "OUT_OF_RANGE" in warning, warning
     assert len(warning) < 600, warning
     ck.close()
+
+
+def test_describe_error_is_one_line_with_its_causes():
+    try:
+        try:
+            raise OSError("DATA_LOSS: bytes do not match\nsecond line")
+        except OSError as cause:
+            raise RuntimeError("Encountered error while reading array index: (0,). See full TensorStore details: "
+                               "{'driver': 'zarr',\n 'kvstore': ...}") from cause
+    except RuntimeError as e:
+        line = ckpt_lib.describe_error(e)
+    assert line == ("RuntimeError: Encountered error while reading array index: (0,). <- "
+                    "OSError: DATA_LOSS: bytes do not match"), line
