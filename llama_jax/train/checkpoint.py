@@ -90,9 +90,10 @@ class StageCheckpoints:
         return None
 
     def state_shapes(self, step: int) -> dict[str, tuple]:
-        """{tree path: shape} of the arrays in checkpoint `step`'s train state (metadata only)."""
-        meta = self._manager.item_metadata(step)["state"]
-        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(meta)
+        """{tree path (`path_names`): shape} of the arrays in checkpoint `step`'s train state (metadata only)."""
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+        return {path_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)
                 if hasattr(v, "shape")}
 
     def quarantine(self, step: int) -> None:
@@ -134,6 +135,11 @@ def list_steps(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def path_names(path) -> str:
+    """A pytree path as "a/b/0/c", the same for dataclass fields, dict keys and sequence indices."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -336,7 +336,8 @@ class StageRun:
             stored = self.ckpts.state_shapes(step)
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore below reports it
             return ""
-        want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(self.abstract)}
+        want = {ckpt_lib.path_names(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(self.abstract)}
         diffs = [f"{k} {stored[k]} vs {want[k]}" for k in want if k in stored and stored[k] != want[k]]
         return ", ".join(diffs[:4]) + (", ..." if len(diffs) > 4 else "")
 

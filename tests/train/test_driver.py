@@ -23,13 +23,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL = "tiny,steps=4,batch=8,seq_len=32,warmup=1,layers=1"
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data_cache")
-    corpus.default_tokenizer(str(path))
-    return str(path)
-
-
 def _config(data_cache, arg=SMALL, **updates):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pretrain", REPO / "experiments/pretrain.py")
@@ -50,8 +43,8 @@ def _config(data_cache, arg=SMALL, **updates):
 
 
 def _ramp(c, steps=6, boundary_step=3):
-    """One stage: 8 x 32 tokens per step until step `boundary_step`, then 4 x 64."""
-    c.stages = [E.stage("pretrain", [E.phase(32, 8, until_tokens=boundary_step * 256), E.phase(64, 4)],
+    """One stage: 8 x 32 tokens per step until step `boundary_step`, then 8 x 64."""
+    c.stages = [E.stage("pretrain", [E.phase(32, 8, until_tokens=boundary_step * 256), E.phase(64, 8)],
                         E.optim(1e-3, 1), steps=steps)]
     return c
 
@@ -80,7 +73,7 @@ def finished(data_cache, tmp_path_factory):
 def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path):
     c = _ramp(_config(data_cache))
     (stage,) = E.resolve(c)
-    assert [(p.first_step, p.seq_len, p.global_batch) for p in stage.phases] == [(0, 32, 8), (3, 64, 4)]
+    assert [(p.first_step, p.seq_len, p.global_batch) for p in stage.phases] == [(0, 32, 8), (3, 64, 8)]
     data_cfg = E.thaw(stage.data) | {"cache_dir": data_cache}
     tok = Tokenizer.from_file(os.path.join(corpus.corpus_dir(data_cache),
                                            f"tokenizer-{corpus.DEFAULT_BPE_RANKS}.model"))
