@@ -30,8 +30,8 @@ def detect(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if native.is_native(path):
         return "llama_jax"
-    from llama_jax.train import checkpoint as train_checkpoint  # noqa: PLC0415 - pulls in orbax/grain
-    if train_checkpoint.is_workdir(path):
+    from llama_jax import workdir  # noqa: PLC0415
+    if workdir.is_workdir(path):
         return "workdir"
     if os.path.isfile(os.path.join(path, hf.CONFIG_FILE)):
         return "hf"
@@ -48,8 +48,8 @@ def load(path: str | os.PathLike, fmt: str | None = None, dtype="float32") -> tu
     if fmt == "meta":
         return meta.load(path, dtype=dtype)
     if fmt == "workdir" or (fmt == "llama_jax" and detect(path) == "workdir"):
-        from llama_jax.train import checkpoint as train_checkpoint  # noqa: PLC0415
-        return train_checkpoint.load_workdir(os.fspath(path), dtype=dtype)
+        from llama_jax import workdir  # noqa: PLC0415 - pulls in orbax/grain
+        return workdir.load(os.fspath(path), dtype=dtype)
     if fmt == "llama_jax":
         return native.load(path, dtype=dtype)
     raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")

@@ -89,6 +89,17 @@ class StageCheckpoints:
                 self._quarantine(step)
         return None
 
+    def state_shapes(self, step: int) -> dict[str, tuple]:
+        """{tree path (`path_names`): shape} of the arrays in checkpoint `step`'s train state (metadata only)."""
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+        return {path_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+                if hasattr(v, "shape")}
+
+    def quarantine(self, step: int) -> None:
+        """Moves checkpoint `step` aside to `<step>.corrupt-<time>` (kept for inspection, never restored)."""
+        self._quarantine(step)
+
     def _quarantine(self, step: int) -> None:
         path = os.path.join(self.directory, str(step))
         if jax.process_index() == 0 and os.path.exists(path):
@@ -119,34 +130,19 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     return restored["state"]["params"], step
 
 
-def is_workdir(path: str) -> bool:
-    """A training workdir: the run's config.json plus stages/<name>/checkpoints."""
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "stages"))
+def list_steps(directory: str) -> list[int]:
+    """Committed checkpoint steps in a stage's checkpoint directory (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def load_workdir(path: str, stage: str | None = None, dtype: str = "float32"):
-    """(ModelConfig, params) of a training workdir: the latest checkpoint of `stage`, by default the last stage
-    of the experiment that has a checkpoint. Params are loaded replicated on the default device."""
-    import json
+def path_names(path) -> str:
+    """A pytree path as "a/b/0/c", the same for dataclass fields, dict keys and sequence indices."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
-    import jax.numpy as jnp
-    import ml_collections
 
-    from llama_jax import experiment
-    from llama_jax.model import transformer
-
-    with open(os.path.join(path, "config.json")) as f:
-        c = ml_collections.ConfigDict(json.load(f))
-    stages = [st for st in c.stages if os.path.isdir(os.path.join(path, "stages", st["name"], "checkpoints"))]
-    if stage is not None:
-        stages = [st for st in stages if st["name"] == stage]
-    if not stages:
-        raise FileNotFoundError(f"no stage checkpoints{' for stage ' + repr(stage) if stage else ''} in workdir "
-                                f"{path!r}")
-    st = stages[-1]
-    cfg = experiment.resolve_model(c, st).replace(remat="none")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            transformer.param_shapes(cfg))
-    params, _ = load_params(os.path.join(path, "stages", st["name"], "checkpoints"), abstract)
-    return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (TensorStore errors run to hundreds of lines)."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
