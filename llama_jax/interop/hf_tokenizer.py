@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-from llama_jax.data.tokenizer import PAT_STR, ROLES, Tokenizer, hf_token_to_bytes, token_bytes_to_hf
+from llama_jax.data.tokenizer import NUM_SPECIAL_TOKENS, PAT_STR, ROLES, Tokenizer, hf_token_to_bytes, token_bytes_to_hf
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -175,6 +175,9 @@ def from_hf_json(path: str | os.PathLike) -> Tokenizer:
                              "tiktoken-style BPE")
         last = rank
     added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+    if len(added) != NUM_SPECIAL_TOKENS:
+        raise ValueError(f"{path}: expected {NUM_SPECIAL_TOKENS} special tokens after the BPE ranks, found "
+                         f"{len(added)}")
     ids = [i for i, _ in added]
     if ids != list(range(len(ranks), len(ranks) + len(ids))):
         raise ValueError(f"{path}: added tokens must follow the {len(ranks)} BPE ranks with consecutive ids, "
