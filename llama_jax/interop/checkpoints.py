@@ -23,11 +23,12 @@ import os
 from typing import Any
 
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.interop import gguf, hf, hf_tokenizer, meta, native
+from llama_jax.interop import hf, hf_tokenizer, meta, native
 from llama_jax.model.config import ModelConfig
 
 FORMATS = ("hf", "meta", "llama_jax", "workdir")
 WRITABLE = ("hf", "llama_jax", "gguf")
+GGUF_TYPES = ("float32", "float16", "bfloat16", "q8_0")  # llama_jax.interop.gguf.OUT_TYPES
 Params = Any
 
 
@@ -68,6 +69,7 @@ def save(path: str | os.PathLike, fmt: str, cfg: ModelConfig, params: Params, to
     if fmt == "hf":
         return hf.save(path, cfg, params, tokenizer=tokenizer, **kwargs)
     if fmt == "gguf":
+        from llama_jax.interop import gguf  # noqa: PLC0415 - the gguf package, only for this format
         return gguf.save(path, cfg, params, tokenizer=tokenizer, **kwargs)
     if fmt == "llama_jax":
         native.save(path, cfg, params)
@@ -103,8 +105,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, src_fmt: str | None,
     """
     if dst_fmt not in WRITABLE:
         raise ValueError(f"cannot write format {dst_fmt!r}; writable formats are {WRITABLE}")
-    if dst_fmt == "gguf" and dtype is not None and dtype not in gguf.OUT_TYPES:
-        raise ValueError(f"dtype {dtype!r} is not a GGUF type; expected one of {sorted(gguf.OUT_TYPES)}")
+    if dst_fmt == "gguf" and dtype not in (None, *GGUF_TYPES):
+        raise ValueError(f"dtype {dtype!r} is not a GGUF type; expected one of {GGUF_TYPES}")
     if dst_fmt != "gguf" and dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype {dtype!r} is only for --to=gguf; {dst_fmt} takes float32, bfloat16 or float16")
     if weights_only and tokenizer is not None:

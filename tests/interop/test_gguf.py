@@ -206,6 +206,7 @@ def test_convert_cli_to_gguf_and_bad_input(tmp_path, params, bpe_tokenizer_path)
     assert meta["general.file_type"] == 7 and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert len(meta["tokenizer.ggml.tokens"]) == 1280
     assert sorted(os.listdir(tmp_path)) == ["lj", "m.gguf"]  # no temporary left behind
+    assert checkpoints.GGUF_TYPES == tuple(gguf_export.OUT_TYPES)
     with pytest.raises(FileExistsError, match="exists"):
         gguf_export.save(tmp_path / "m.gguf", CFG, params)
 
