@@ -11,8 +11,11 @@ generation_config.json, written from and read back into `llama_jax.data.tokenize
 tiktoken ranks -> BPE merges: token `t` (rank r, two bytes or more) gets one merge `(a, b)` for every split
 `t = a + b` with both halves in the vocabulary; merges are ordered by (r, rank a, rank b). tiktoken merges
 the adjacent pair whose concatenation has the lowest rank, and HF's BPE the pair with the lowest merge index,
-which is the same pair. `ignore_merges` is on, as in tiktoken: a pre-token that is itself in the vocabulary is
-one token. Pre-tokenization is the same regex (`PAT_STR`) followed by the byte-level alphabet; specials are
+which is the same pair (this is also how transformers' `TikTokenConverter` builds Meta's Llama 3 tokenizer.json;
+the tests check the vocabulary and merges are identical to its output). The one case the orders could differ is
+a tie between two different overlapping pairs with the same concatenation (`x + y == y + z`), where tiktoken
+takes the leftmost; it did not occur on the held-out text the tests encode. `ignore_merges` is on, as in
+tiktoken: a pre-token that is itself in the vocabulary is one token. Pre-tokenization is the same regex (`PAT_STR`) followed by the byte-level alphabet; specials are
 added tokens with their ids (`num_base_tokens + i`).
 
 Differences that remain, by construction: (1) HF treats special-token text anywhere in its input as the

@@ -80,6 +80,11 @@ def test_auto_tokenizer_ids_equal_on_text_and_special_text(auto_tokenizer, bpe_t
         ids = bpe_tokenizer.encode(doc)
         assert auto_tokenizer(doc, add_special_tokens=False)["input_ids"] == ids
         assert auto_tokenizer.decode(ids) == doc
+    # periodic strings, where BPE merge order and tie-breaking matter most
+    for unit in (" ", "=", "-", "\n", "\t", "a", "0", "ab", " =", "\n    ", "日本"):
+        for k in range(1, 41):
+            for doc in (unit * k, "x" + unit * k + "y"):
+                assert auto_tokenizer(doc, add_special_tokens=False)["input_ids"] == bpe_tokenizer.encode(doc)
     mixed = "<|begin_of_text|>x = 1<|eot_id|>\n\n<|reserved_special_token_7|> <|python_tag|>   tail "
     ours = bpe_tokenizer.encode(mixed, bos=True, allowed_special="all")
     assert auto_tokenizer(mixed)["input_ids"] == ours  # BOS added, special text is special
