@@ -39,6 +39,8 @@ GENERATION_CONFIG = "generation_config.json"
 META_TOKENIZER = "tokenizer.model"
 # Where a checkpoint folder keeps its tokenizer, in the order they are tried.
 TOKENIZER_FILES = (META_TOKENIZER, os.path.join("original", META_TOKENIZER), TOKENIZER_JSON)
+REQUIRED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                     "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
 
 CHAT_TEMPLATE = (
     "{%- set roles = [" + ", ".join(f"'{r}'" for r in ROLES) + "] -%}\n"
@@ -185,7 +187,11 @@ def from_hf_json(path: str | os.PathLike) -> Tokenizer:
     if ids != list(range(len(ranks), len(ranks) + len(ids))):
         raise ValueError(f"{path}: added tokens must follow the {len(ranks)} BPE ranks with consecutive ids, "
                          f"got ids {ids[:4]}...")
-    return Tokenizer(ranks, [t for _, t in added], name=os.path.basename(path))
+    names = [t for _, t in added]
+    missing = [t for t in REQUIRED_SPECIALS if t not in names]
+    if missing:
+        raise ValueError(f"{path}: special tokens {missing} are missing (the Llama 3.1 chat format needs them)")
+    return Tokenizer(ranks, names, name=os.path.basename(path))
 
 
 def find(folder: str | os.PathLike) -> str | None:

@@ -167,6 +167,11 @@ def test_tokenizer_json_that_is_not_tiktoken_style_is_rejected(export, tmp_path)
     (tmp_path / "specials.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="expected 256 special tokens"):
         hf_tokenizer.read(tmp_path / "specials.json")
+    bad = json.loads(json.dumps(data))
+    bad["added_tokens"][8]["content"] = "<|something_else|>"  # Llama 3.0 has no <|eom_id|>
+    (tmp_path / "names.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"special tokens \['<\|eom_id\|>'\] are missing"):
+        hf_tokenizer.read(tmp_path / "names.json")
 
 
 def test_convert_carries_the_tokenizer_or_says_where_it_looked(export, bpe_tokenizer, bpe_tokenizer_path,
