@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Iterator
 
 import gguf as gguf_lib
@@ -180,8 +179,7 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: T
     hf._check_params(cfg, params)  # pylint: disable=protected-access
     plan = _tensor_plan(cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    os.close(fd)
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
         writer = gguf_lib.GGUFWriter(tmp, "llama")
         _add_metadata(writer, cfg, outtype)
