@@ -72,7 +72,8 @@ def rope_freq_factors(cfg: ModelConfig) -> np.ndarray | None:
         return None
     dh = cfg.resolved_head_dim
     freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float32) / dh))
-    low_wavelen, high_wavelen = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
     out = []
     for freq in freqs.tolist():
         wavelen = 2 * math.pi / freq

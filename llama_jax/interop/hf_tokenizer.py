@@ -15,8 +15,8 @@ which is the same pair (this is also how transformers' `TikTokenConverter` build
 the tests check the vocabulary and merges are identical to its output). The one case the orders could differ is
 a tie between two different overlapping pairs with the same concatenation (`x + y == y + z`), where tiktoken
 takes the leftmost; it did not occur on the held-out text the tests encode. `ignore_merges` is on, as in
-tiktoken: a pre-token that is itself in the vocabulary is one token. Pre-tokenization is the same regex (`PAT_STR`) followed by the byte-level alphabet; specials are
-added tokens with their ids (`num_base_tokens + i`).
+tiktoken: a pre-token that is itself in the vocabulary is one token. Pre-tokenization is the same regex
+(`PAT_STR`) followed by the byte-level alphabet; specials are added tokens with their ids (`num_base_tokens + i`).
 
 Differences that remain, by construction: (1) HF treats special-token text anywhere in its input as the
 special token, as `Tokenizer.encode(..., allowed_special="all")` does; in a dialog, message content that
