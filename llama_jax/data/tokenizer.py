@@ -367,7 +367,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
+
+
+def token_bytes_to_hf(token: bytes) -> str:
+    """A token's bytes -> its Hugging Face byte-level string (GPT-2's printable alphabet)."""
+    return "".join(_BYTE_ENCODER[b] for b in token)
 
 
 def hf_token_to_bytes(token: str) -> bytes:
