@@ -22,6 +22,7 @@ import traceback
 import jax
 import numpy as np
 
+from llama_jax.data import batch as batch_lib
 from llama_jax.model import config
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
@@ -47,7 +48,7 @@ def run_one(cfg, seq: int, batch: int, loss_chunk: int, steps: int, warmup: int)
     state, shardings = step_lib.init_train_state(cfg, ocfg, mesh, rules, jax.random.key(0))
     step = step_lib.jit_train_step(step_lib.make_train_step(cfg, ocfg, loss_chunk=loss_chunk), mesh, rules,
                                    shardings)
-    data = step_lib.make_global_batch(make_batch(cfg.vocab_size, batch, seq), mesh)
+    data = batch_lib.make_global_batch(make_batch(cfg.vocab_size, batch, seq), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0

@@ -123,6 +123,7 @@ def child_llama_jax(v: dict, args) -> dict:
     from llama_jax.model import config
     from llama_jax.sharding import mesh as mesh_lib
     from llama_jax.sharding import rules as rules_lib
+    from llama_jax.data import batch as batch_lib
     from llama_jax.train import step as step_lib
     from llama_jax.train.optim import OptimConfig
 
@@ -134,7 +135,7 @@ def child_llama_jax(v: dict, args) -> dict:
     state, shardings = step_lib.init_train_state(cfg, ocfg, mesh, rules, jax.random.key(0))
     step = step_lib.jit_train_step(step_lib.make_train_step(cfg, ocfg, loss_chunk=v["loss_chunk"]), mesh, rules,
                                    shardings)
-    batch = step_lib.make_global_batch(_batch_np(cfg.vocab_size), mesh)
+    batch = batch_lib.make_global_batch(_batch_np(cfg.vocab_size), mesh)
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     holder = {"state": state}
 

@@ -1,4 +1,4 @@
-"""The experiment config schema: defaults, stage builders, argument parsing and validation.
+"""The experiment config schema: defaults, stage builders, argument parsing, and `resolve(config) -> [Stage]`.
 
 An experiment (`experiments/NAME.py`, `get_config(arg)`) is an ml_collections ConfigDict:
 
@@ -15,14 +15,88 @@ tokens reach `until_tokens` (the last phase runs to the end of the stage).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Iterable
+import types
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
 from llama_jax.model import config as model_config
+from llama_jax.train.optim import OptimConfig
 
-STAGE_KINDS = ("pretrain",)
+STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
+              "data")
+PHASE_KEYS = ("seq_len", "global_batch", "until_tokens")
+# (config path, minimum, what 0 means or None where 0 is not allowed)
+INTERVALS = (
+    ("checkpoint.every_steps", 0, "no periodic checkpoints"),
+    ("checkpoint.keep", 1, None),
+    ("checkpoint.keep_every", 0, "none kept beyond `keep`"),
+    ("eval.every_steps", 0, "no periodic evaluation"),
+    ("eval.batches", 0, "no evaluation"),
+    ("log_every_steps", 0, "no periodic metrics rows"),
+    ("spike.window", 1, None),
+    ("spike.max_bad_steps", 1, None),
+    ("spike.max_rollbacks", 0, "no rollback: fail at the first spike"),
+    ("sample.max_new_tokens", 0, "no samples"),
+)
+
+
+def _stage_kinds() -> tuple[str, ...]:
+    from llama_jax.train import kinds  # noqa: PLC0415 - the registry lives beside the driver
+    return kinds.names()
+
+
+STAGE_KINDS = ("pretrain",)  # the kinds registered today (see llama_jax.train.kinds.names())
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One batch shape of a stage: steps [first_step, next phase's first_step) use global_batch x seq_len."""
+
+    first_step: int
+    seq_len: int
+    global_batch: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A resolved stage: everything the driver needs, typed and validated (see `resolve`).
+
+    `init_source` says where the stage starts when it has no checkpoint of its own: `"previous:<stage>"`,
+    `"init_from:<path>"` or `"scratch"`. `optim.total_steps` is the schedule length (`schedule_steps`, by
+    default the stage's length). `data` is the stage's data config (read-only mapping, the pipeline's keys).
+    """
+
+    index: int
+    name: str
+    kind: str
+    model: model_config.ModelConfig
+    optim: OptimConfig
+    data: Mapping[str, Any]
+    phases: tuple[Phase, ...]
+    total_steps: int
+    grad_accum: int
+    loss_chunk: int
+    init_source: str
+    seed: int
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.optim.total_steps
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that runs step `step` (0-based: the step that takes the state from step to step+1)."""
+        return max(i for i, p in enumerate(self.phases) if p.first_step <= step)
+
+    def iterator_seed(self) -> int:
+        """The seed of the stage's one data stream (all its phases share it)."""
+        return (self.seed * 1_000_003 + self.index * 1009) % (2 ** 31)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -51,10 +125,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def optim(peak_lr: float, warmup_steps: int, decay: str = "cosine", final_lr_ratio: float = 0.1,
-          weight_decay: float = 0.1, clip_norm: float = 1.0, b2: float = 0.95) -> dict:
-    """Optimizer settings of a stage (`total_steps` is filled from the stage length)."""
+          weight_decay: float = 0.1, clip_norm: float = 1.0, b2: float = 0.95, schedule_steps: int = 0) -> dict:
+    """Optimizer settings of a stage.
+
+    `schedule_steps` is the length of the LR schedule (warm-up included); 0 = the stage's length. The paper
+    decays over 1,200,000 steps while its 15.6T tokens at the batch ramp take about 1.1M steps, so the paper
+    variants set it. Common practice, not given by the paper for the flagship runs: AdamW β1 0.9 / β2 0.95,
+    ε 1e-8, gradient clipping at global norm 1.0, and weight decay 0.1 (the paper gives weight decay only for
+    its scaling-law runs: 0.1 x the current LR, which is what optax's decoupled decay does).
+    """
     return dict(peak_lr=peak_lr, warmup_steps=warmup_steps, decay=decay, final_lr_ratio=final_lr_ratio,
-                weight_decay=weight_decay, clip_norm=clip_norm, b1=0.9, b2=b2, eps=1e-8, init_lr=0.0)
+                weight_decay=weight_decay, clip_norm=clip_norm, b1=0.9, b2=b2, eps=1e-8, init_lr=0.0,
+                schedule_steps=int(schedule_steps))
 
 
 def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dict:
@@ -92,15 +174,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.spike = ml_collections.ConfigDict(dict(max_bad_steps=3, window=50, spike_factor=0.0, max_rollbacks=5))
     c.log_every_steps = 10
     c.init_from = ""  # another run's stage checkpoint directory: params only, for the first stage
-    # Testing aids: log a CRC of every batch; a NaN loss the first time each listed step runs (steps counted as
-    # in the metrics, from 1); stop a stage early after max_steps without changing its schedule.
-    c.debug = ml_collections.ConfigDict(dict(log_batches=False, nan_at_steps=[], max_steps=0))
+    # Testing aids: log a CRC of every batch; stop a stage early after max_steps without changing its schedule;
+    # fault injection (llama_jax.train.faults): a NaN loss the first time each listed step runs (steps counted as
+    # in the metrics, from 1), NaN parameters saved in the listed steps' checkpoints.
+    c.debug = ml_collections.ConfigDict(dict(log_batches=False, nan_at_steps=[], max_steps=0,
+                                             nan_params_in_checkpoints=[]))
     c.stages = []
     return c
 
 
 def stage_steps(st: Any) -> tuple[int, list[tuple[int, int, int]]]:
     """(total steps, [(first_step, seq_len, global_batch) per phase]) of a stage, tokens converted exactly."""
+    _check_keys(st)
     phases = list(st["phases"])
     if not phases:
         raise ValueError(f"stage {st['name']!r} has no phases (seq_len / global_batch)")
@@ -130,27 +215,140 @@ def stage_steps(st: Any) -> tuple[int, list[tuple[int, int, int]]]:
     return step, bounds
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Checks the whole experiment before any work starts; errors name the offending key."""
+def _check_keys(st: Any) -> None:
+    name = st.get("name", "?") if hasattr(st, "get") else "?"
+    unknown = sorted(set(st) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"stage {name!r}: unknown key(s) {unknown}; known: {list(STAGE_KEYS)}")
+    missing = [k for k in ("name", "phases", "optim") if k not in st]
+    if missing:
+        raise ValueError(f"stage {name!r}: missing key(s) {missing}")
+    for i, ph in enumerate(st["phases"]):
+        bad = sorted(set(ph) - set(PHASE_KEYS))
+        if bad:
+            raise ValueError(f"stage {name!r} phase {i}: unknown key(s) {bad}; known: {list(PHASE_KEYS)}")
+
+
+def _get(c: ml_collections.ConfigDict, path: str):
+    node = c
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def check_intervals(c: ml_collections.ConfigDict) -> None:
+    """Every interval / count setting is an integer >= its minimum (see INTERVALS); errors name the key."""
+    for path, minimum, zero in INTERVALS:
+        value = _get(c, path)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            meaning = f" (0 = {zero})" if zero else ""
+            raise ValueError(f"config.{path}={value!r} must be an integer >= {minimum}{meaning}")
+
+
+def _optim_config(st: Any, total_steps: int) -> OptimConfig:
+    d = dict(st["optim"])
+    schedule = int(d.pop("schedule_steps", 0) or 0)
+    if schedule < 0:
+        raise ValueError(f"stage {st['name']!r}: optim.schedule_steps={schedule} must be >= 0 (0 = the stage's "
+                         f"length)")
+    try:
+        # A stage shorter than its warm-up keeps the warm-up's schedule length (it ends during the warm-up).
+        length = schedule or max(total_steps, int(d.get("warmup_steps", 0)))
+        cfg = OptimConfig.from_dict(dict(d, total_steps=length))
+    except ValueError as e:
+        raise ValueError(f"stage {st['name']!r}: {e}") from None
+    if cfg.total_steps < cfg.warmup_steps:
+        raise ValueError(f"stage {st['name']!r}: optim.schedule_steps={cfg.total_steps} is shorter than its "
+                         f"warm-up ({cfg.warmup_steps} steps)")
+    return cfg
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A resolved stage's read-only data config as plain dicts and lists (for the data pipeline)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
+    """The experiment's stages, typed and validated once; errors name the offending key or stage."""
     if not c.stages:
         raise ValueError("config.stages is empty: an experiment needs at least one stage")
+    for st in c.stages:
+        _check_keys(st)
     names = [s["name"] for s in c.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique, got {names}")
     model_config.get(c.model.preset)
-    for st in c.stages:
-        if st["kind"] not in STAGE_KINDS:
-            raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {STAGE_KINDS}")
-        stage_steps(st)
+    check_intervals(c)
+    kinds = _stage_kinds()
+    stages = []
+    for index, st in enumerate(c.stages):
+        st = dict(st)
+        st.setdefault("kind", "pretrain")
+        for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", 0),
+                             ("model_overrides", {}), ("data", {})):
+            st.setdefault(key, default)
+        if st["kind"] not in kinds:
+            raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {kinds}")
+        total, bounds = stage_steps(st)
         model_cfg = resolve_model(c, st)
-        for ph in st["phases"]:
-            if ph["seq_len"] > model_cfg.max_seq_len:
-                raise ValueError(f"stage {st['name']!r}: seq_len {ph['seq_len']} exceeds the model's max_seq_len "
+        for _, seq_len, _ in bounds:
+            if seq_len > model_cfg.max_seq_len:
+                raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} exceeds the model's max_seq_len "
                                  f"{model_cfg.max_seq_len}")
-        sources = (st["data"] or {}).get("sources", c.data.sources)
-        if not sources:
+        if int(st["grad_accum"]) < 1:
+            raise ValueError(f"stage {st['name']!r}: grad_accum={st['grad_accum']} must be >= 1")
+        if int(st["loss_chunk"]) < 0:
+            raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0")
+        data = c.data.to_dict()
+        unknown_data = sorted(set(st["data"]) - set(data))
+        if unknown_data:
+            raise ValueError(f"stage {st['name']!r}: unknown data key(s) {unknown_data}; known: {sorted(data)}")
+        data.update(dict(st["data"]))
+        if not data.get("sources"):
             raise ValueError(f"stage {st['name']!r}: no data sources (config.data.sources is empty)")
-        _check_sources(sources)
+        _check_sources(data["sources"])
+        if index > 0:
+            init_source = f"previous:{names[index - 1]}"
+        elif c.init_from:
+            init_source = f"init_from:{c.init_from}"
+        else:
+            init_source = "scratch"
+        stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
+                            optim=_optim_config(st, total), data=_freeze(data),
+                            phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
+                            total_steps=total, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
+                            init_source=init_source, seed=int(c.seed)))
+    return stages
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks the whole experiment before any work starts (`resolve`); errors name the offending key."""
+    resolve(c)
+
+
+def given_knobs(arg: str | None) -> set[str]:
+    """The `key=value` knob names given in a config argument string."""
+    return {part.split("=", 1)[0] for part in (arg or "").split(",") if "=" in part}
+
+
+def check_knobs(arg: str | None, variant: str, used: Iterable[str]) -> None:
+    """Refuses a knob the variant does not use (it would be silently ignored); the error names it."""
+    unused = sorted(given_knobs(arg) - set(used))
+    if unused:
+        raise ValueError(f"variant {variant!r} does not use config argument(s) {unused}; it uses "
+                         f"{sorted(set(used)) or 'none'}")
 
 
 def _check_sources(sources) -> None:

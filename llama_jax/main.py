@@ -15,6 +15,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per "
                                "host under SLURM, TPU VMs or Kubernetes; the cluster is detected from its "
                                "environment).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir although the config's "
+                                         "model, data, seed or stages differ from its config.json (the "
+                                         "checkpoints must still have the config's shapes).")
+_START_OVER = flags.DEFINE_bool("start_over", False, "When none of a stage's checkpoints restores, move them aside "
+                                "and train the stage again (otherwise the run stops and names them).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,7 +32,8 @@ def main():
         jax.distributed.initialize()
     cli.check_output_dir(_WORKDIR.value, "--workdir")
 
-    loop.run_experiment(_CONFIG.value, _WORKDIR.value)
+    loop.run_experiment(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                        start_over=_START_OVER.value)
 
 
 if __name__ == "__main__":

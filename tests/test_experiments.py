@@ -44,3 +44,21 @@ def test_unknown_variant_and_knob_are_named():
         mod.get_config("llama9")
     with pytest.raises(ValueError, match="unknown config argument 'stepz'"):
         mod.get_config("tiny,stepz=3")
+
+
+def test_resolve_gives_typed_stages_with_the_paper_schedule_length():
+    (stage,) = E.resolve(_load("pretrain").get_config("llama3.1-405b"))
+    assert stage.kind == "pretrain" and stage.model.n_layers == 126
+    assert stage.schedule_steps == 1_200_000 > stage.total_steps  # ~1.1M steps of data, 1.2M-step schedule
+    assert [(p.seq_len, p.global_batch) for p in stage.phases] == [(4096, 1024), (8192, 1024), (8192, 2048)]
+    (tiny,) = E.resolve(_load("pretrain").get_config("tiny"))
+    assert tiny.schedule_steps == tiny.total_steps == 300 and tiny.init_source == "scratch"
+
+
+def test_unknown_stage_key_and_unused_knob_are_named():
+    c = _load("pretrain").get_config("tiny")
+    c.stages[0]["lenght"] = 3
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['lenght'\\]"):
+        E.resolve(c)
+    with pytest.raises(ValueError, match="does not use config argument\\(s\\) \\['steps'\\]"):
+        _load("pretrain").get_config("llama3.1-8b,steps=10")

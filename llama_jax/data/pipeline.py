@@ -1,9 +1,9 @@
 """Grain input pipeline: read -> tokenize -> pack with segment ids -> mix -> batch, sharded per host.
 
-Batch contract (what the training step consumes): a dict of numpy int32 arrays, each ``[B, L]`` with ``B`` the
-per-host batch (``global_batch_size // process_count``) and ``L = seq_len``::
+Batch contract (:mod:`llama_jax.data.batch`, what the training step consumes): a dict of numpy int32 arrays,
+each ``[B, L]`` with ``B`` the per-host batch (``global_batch_size // process_count``) and ``L = seq_len``::
 
-    inputs, targets, segment_ids, positions, loss_mask
+    inputs, targets, segment_ids, positions, loss_mask     (+ host-only int64 ``documents`` when tracked)
 
 Each document ``d = [BOS] + ids + [EOS]`` contributes ``inputs = d[:-1]`` and ``targets = d[1:]`` (so no
 target is lost at packing boundaries). Documents are packed back to back into rows by grain's
@@ -20,6 +20,13 @@ every source (disjoint shards covering all documents), shuffles its shard (reshu
 its own rows. The returned training iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()``
 (JSON-serializable) resume with exactly the next batch, and ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore`` store it in an Orbax checkpoint.
+
+One stream at several shapes: a stage's batch-size / sequence-length ramp continues one document order. Each
+source's stream is its shuffled, repeated document list; ``track_documents=True`` adds the host-only
+``documents`` key (the stream index of each token's document, :func:`llama_jax.data.batch.consumed_documents`)
+and ``start_documents={source: index}`` starts a source's stream at that index, so the driver re-packs the
+remaining stream at the new shape (the rest of a document split across the boundary is dropped: each document
+is used at most once per pass).
 
 Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
 
@@ -63,11 +70,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus
+from llama_jax.data.batch import BATCH_KEYS, make_global_batch
 from llama_jax.data.tokenizer import Tokenizer
 
 KINDS = ("corpus", "jsonl", "text", "array_record")
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,10 +303,28 @@ class TokenizeDocument:
         return {"inputs": d[:-1], "targets": d[1:]}
 
 
+class TokenizeTrackedDocument(TokenizeDocument):
+    """(index, text) -> :class:`TokenizeDocument`'s output plus ``documents``: the document's id in its source's
+    stream (``start + index``, encoded by :func:`llama_jax.data.batch.encode_document_id`) on every token."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int, source_number: int, num_sources: int):
+        super().__init__(tokenizer)
+        self.start, self.source_number, self.num_sources = int(start), int(source_number), int(num_sources)
+
+    def __call__(self, index: int, text: str) -> dict[str, np.ndarray]:
+        out = super().__call__(text)
+        doc_id = batch_lib.encode_document_id(self.start + index, self.source_number, self.num_sources)
+        out[batch_lib.DOCUMENT_KEY] = np.full(out["inputs"].shape, doc_id, np.int64)
+        return out
+
+
 def to_batch_contract(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Grain's packed features -> the batch contract's names (one row)."""
     segment_ids = np.asarray(packed["inputs_segment_ids"], dtype=np.int32)
-    return {
+    extra = {}
+    if batch_lib.DOCUMENT_KEY in packed:
+        extra[batch_lib.DOCUMENT_KEY] = np.asarray(packed[batch_lib.DOCUMENT_KEY], np.int64)
+    return extra | {
         "inputs": np.asarray(packed["inputs"], dtype=np.int32),
         "targets": np.asarray(packed["targets"], dtype=np.int32),
         "segment_ids": segment_ids,
@@ -333,11 +359,12 @@ class _SlicesAsTuplesIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+def pack(ds: grain.IterDataset, seq_len: int, track_documents: bool = False) -> grain.IterDataset:
     """Packs tokenized documents into rows of ``seq_len`` in the batch-contract format."""
-    packed = grain.experimental.ConcatThenSplitIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len}
-    )
+    lengths = {"inputs": seq_len, "targets": seq_len}
+    if track_documents:
+        lengths[batch_lib.DOCUMENT_KEY] = seq_len
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     return _SlicesAsTuples(packed).map(to_batch_contract)
 
 
@@ -395,21 +422,39 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     cache_dir: str | None = None,
+    start_documents: Mapping[str, int] | None = None,
+    track_documents: bool = False,
 ) -> grain.IterDataset:
     """The infinite training ``IterDataset`` of per-host batches (see :func:`make_train_iterator`)."""
     process_index, process_count, batch, cache_dir = _host_setup(
         cfg, seq_len, global_batch_size, process_index, process_count, cache_dir)
-    specs = [s for s in parse_sources(cfg) if s.weight > 0]
+    all_specs = parse_sources(cfg)
+    specs = [s for s in all_specs if s.weight > 0]
     if not specs:
         raise ValueError("all data source weights are zero; at least one must be positive")
+    start_documents = dict(start_documents or {})
+    unknown = sorted(set(start_documents) - {s.name for s in all_specs})
+    if unknown:
+        raise ValueError(f"start_documents names unknown data source(s) {unknown}")
     shuffle = bool(_cfg_get(cfg, "shuffle", True))
     streams, weights = {}, {}
-    for spec in specs:
+    for number, spec in enumerate(all_specs):
+        if spec.weight <= 0:
+            continue
         ds = source_documents(spec, spec.split, cache_dir, process_index, process_count)
         if shuffle:
             ds = ds.shuffle(seed=_source_seed(seed, spec.name))
-        ds = ds.repeat().map(TokenizeDocument(tokenizer))
-        streams[spec.name] = pack(ds.to_iter_dataset(), seq_len)
+        start = int(start_documents.get(spec.name, 0))
+        if start < 0:
+            raise ValueError(f"start_documents[{spec.name!r}]={start} must be >= 0")
+        ds = ds.repeat()
+        if start:
+            ds = ds[start:]
+        if track_documents:
+            ds = ds.map_with_index(TokenizeTrackedDocument(tokenizer, start, number, len(all_specs)))
+        else:
+            ds = ds.map(TokenizeDocument(tokenizer))
+        streams[spec.name] = pack(ds.to_iter_dataset(), seq_len, track_documents)
         weights[spec.name] = float(spec.weight)
     mixed = grain.IterDataset.mix(streams, weights) if len(streams) > 1 else next(iter(streams.values()))
     out = mixed.batch(batch, drop_remainder=True)
@@ -435,6 +480,8 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     cache_dir: str | None = None,
+    start_documents: Mapping[str, int] | None = None,
+    track_documents: bool = False,
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of per-host training batches (the batch contract).
 
@@ -447,12 +494,15 @@ def make_train_iterator(
       seed: shuffling seed (the same on all processes).
       process_index, process_count: this host's shard; default ``jax.process_index()`` / ``process_count()``.
       cache_dir: overrides ``cfg.cache_dir`` for corpus sources.
+      start_documents: {source name: stream index} where each source's (shuffled, repeated) stream starts.
+      track_documents: add the host-only ``documents`` key (see the module docstring).
 
     Returns:
       A ``grain.DatasetIterator`` (``get_state`` / ``set_state``; ``grain.checkpoint`` handler for Orbax).
     """
     ds = make_train_dataset(
-        cfg, tokenizer, seq_len, global_batch_size, seed, process_index, process_count, cache_dir
+        cfg, tokenizer, seq_len, global_batch_size, seed, process_index, process_count, cache_dir,
+        start_documents, track_documents
     )
     return iter(ds)
 
@@ -520,22 +570,6 @@ def make_eval_iterator(
     return EvalIterator(ds, batch, seq_len, num_batches)
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Host-local numpy batch -> global ``jax.Array`` s (``jax.make_array_from_process_local_data``).
-
-    Args:
-      local_batch: this process's rows, ``[B_local, L]`` per key.
-      sharding: a ``jax.sharding.Sharding`` for every key, or a mapping key -> sharding.
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-
-    out = {}
-    for key, value in local_batch.items():
-        s = sharding[key] if isinstance(sharding, Mapping) else sharding
-        out[key] = jax.make_array_from_process_local_data(s, np.asarray(value))
-    return out
-
-
 def embedded_corpus_config(cache_dir: str, code_weight: float = 0.7, prose_weight: float = 0.3) -> dict[str, Any]:
     """A data config reading the embedded corpus: code and prose mixed by the given weights."""
     return {
@@ -554,6 +588,7 @@ __all__ = [
     "EvalIterator",
     "SourceSpec",
     "TokenizeDocument",
+    "TokenizeTrackedDocument",
     "embedded_corpus_config",
     "make_eval_iterator",
     "make_global_batch",

@@ -14,7 +14,9 @@ input length whatever the input.
 Chat format: ``BOS``, then per message ``<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>``
 (``<|eom_id|>`` for an assistant message with ``"eom": True``); message content is stripped of surrounding
 whitespace, as in Meta's reference. :meth:`Tokenizer.encode_dialog` also returns the mask of the tokens an SFT
-or DPO loss trains on (assistant content and its closing token).
+loss trains on (assistant content and its closing token); :meth:`Tokenizer.encode_dialog_masks` gives
+"assistant content" and "formatting tokens" (BOS, headers, ``<|eot_id|>``, ``<|eom_id|>``, ``<|python_tag|>``)
+as separate masks, since DPO scores the content and masks the formatting.
 
 BPE training (:func:`train_bpe`) uses Hugging Face ``tokenizers`` (byte-level BPE with the same
 pre-tokenization regex), then converts the learned merges into tiktoken ranks: the 256 single bytes get ranks
@@ -29,7 +31,7 @@ import json
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import regex
 import tiktoken
@@ -139,6 +141,13 @@ def write_tiktoken_file(path: str | os.PathLike, mergeable_ranks: Mapping[bytes,
 AllowedSpecial = Literal["all"] | Collection[str]
 
 
+class DialogMasks(NamedTuple):
+    """Per-token masks of an encoded dialog (:meth:`Tokenizer.encode_dialog_masks`); disjoint."""
+
+    assistant_content: list[bool]  # the assistant messages' content tokens
+    formatting: list[bool]  # BOS, headers, <|eot_id|>, <|eom_id|>, <|python_tag|>
+
+
 class Tokenizer:
     """Llama 3 tokenizer on ``tiktoken.Encoding``; see the module docstring for the format."""
 
@@ -203,16 +212,19 @@ class Tokenizer:
         bos: bool = False,
         eos: bool = False,
         allowed_special: AllowedSpecial = (),
-        disallowed_special: AllowedSpecial = "all",
+        disallowed_special: AllowedSpecial = (),
     ) -> list[int]:
         """Encodes ``text`` to ids, optionally framed by BOS/EOS.
+
+        Defaults as Meta's reference tokenizer and Hugging Face's: special-token strings in ``text`` are encoded
+        as ordinary text unless listed in ``allowed_special``.
 
         Args:
           text: the string to encode.
           bos, eos: prepend ``<|begin_of_text|>`` / append ``<|end_of_text|>``.
           allowed_special: special-token strings (or ``"all"``) encoded as their special id when met in text.
           disallowed_special: special-token strings (or ``"all"``) whose presence in ``text`` (unless allowed)
-            raises ``ValueError``; ``()`` encodes them as ordinary text instead.
+            raises ``ValueError``; the default ``()`` encodes them as ordinary text.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
@@ -223,8 +235,8 @@ class Tokenizer:
                 if m.group() in disallowed:
                     raise ValueError(
                         f"text contains the special token {m.group()!r} at character {m.start()}, which is not "
-                        "allowed; pass allowed_special={...} to encode it as a special token or "
-                        "disallowed_special=() to encode it as plain text"
+                        "allowed; pass allowed_special={...} to encode it as a special token, or leave "
+                        "disallowed_special at its default () to encode it as plain text"
                     )
         ids: list[int] = [self.bos_id] if bos else []
         encode = self.model.encode
@@ -309,11 +321,34 @@ class Tokenizer:
             mask += [False] * len(header)
         return tokens, mask
 
+    def encode_dialog_masks(
+        self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False
+    ) -> tuple[list[int], DialogMasks]:
+        """Like :meth:`encode_dialog`, with two disjoint masks instead of one.
+
+        Returns:
+          ``(tokens, DialogMasks(assistant_content, formatting))``: ``assistant_content`` is True on the
+          assistant messages' content tokens only; ``formatting`` is True on every control token of the chat
+          format (BOS, ``<|start_header_id|>role<|end_header_id|>\\n\\n`` of every message, the closing
+          ``<|eot_id|>`` / ``<|eom_id|>`` and ``<|python_tag|>``). ``encode_dialog``'s mask equals
+          ``assistant_content`` plus the assistant messages' ``<|python_tag|>`` and closing tokens.
+        """
+        tokens, sft_mask = self.encode_dialog(messages, add_generation_prompt)
+        formatting = [True]  # BOS
+        for message in messages:
+            header = self.encode_header(str(message["role"]))
+            body = self._encode_content(str(message["content"]).strip(), str(message["role"]))
+            formatting += [True] * len(header) + [t == self.python_tag_id for t in body] + [True]
+        if add_generation_prompt:
+            formatting += [True] * len(self.encode_header("assistant"))
+        content = [m and not f for m, f in zip(sft_mask, formatting)]
+        return tokens, DialogMasks(assistant_content=content, formatting=formatting)
+
     def _encode_content(self, content: str, role: str) -> list[int]:
         tag = "<|python_tag|>"
         if role == "assistant" and content.startswith(tag):
-            return [self.python_tag_id, *self.encode(content[len(tag) :], disallowed_special=())]
-        return self.encode(content, disallowed_special=())
+            return [self.python_tag_id, *self.encode(content[len(tag) :])]
+        return self.encode(content)
 
 
 # ---- BPE training -----------------------------------------------------------------------------------------
@@ -332,7 +367,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
+
+
+def token_bytes_to_hf(token: bytes) -> str:
+    """A token's bytes -> its Hugging Face byte-level string (GPT-2's printable alphabet)."""
+    return "".join(_BYTE_ENCODER[b] for b in token)
 
 
 def hf_token_to_bytes(token: str) -> bytes:

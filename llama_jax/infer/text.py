@@ -1,6 +1,6 @@
 """Text in, text out: checkpoint + tokenizer discovery around `llama_jax.infer.sampling.generate`.
 
-    find_tokenizer(checkpoint, tokenizer=None) -> path of a Meta-format `tokenizer.model`
+    find_tokenizer(checkpoint, tokenizer=None) -> path of a Meta `tokenizer.model` or a HF `tokenizer.json`
     generate_text(checkpoint, prompt, chat=False, ...) -> (completion text, Generation)
 """
 
@@ -10,11 +10,10 @@ import os
 
 import jax
 
-from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.infer import sampling
-from llama_jax.interop import checkpoints
+from llama_jax.interop import checkpoints, hf_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.model", os.path.join("original", "tokenizer.model"))
+TOKENIZER_FILES = hf_tokenizer.TOKENIZER_FILES
 SPECIAL_TOKEN_MODES = ("error", "text", "special")
 
 
@@ -49,7 +48,7 @@ def generate_text(checkpoint: str, prompt: str, chat: bool = False, max_new_toke
         raise ValueError(f"special_tokens={special_tokens!r}; expected one of {SPECIAL_TOKEN_MODES}")
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist or is not a directory")
-    tok = Tokenizer.from_file(find_tokenizer(checkpoint, tokenizer))
+    tok = hf_tokenizer.read(find_tokenizer(checkpoint, tokenizer))
     cfg, params = checkpoints.load(checkpoint)
     cfg = cfg.replace(dtype=dtype or default_compute_dtype())
     if tok.n_words > cfg.vocab_size:
@@ -68,5 +67,6 @@ def generate_text(checkpoint: str, prompt: str, chat: bool = False, max_new_toke
                          f"leaves no room for new tokens (at most {cfg.max_seq_len - 1} prompt tokens)")
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - len(ids))
     gen = sampling.generate(cfg, params, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, stop_ids=tok.stop_ids, quantize=quantize)
+                            top_k=top_k, top_p=top_p, seed=seed, quantize=quantize,
+                            stop_ids=hf_tokenizer.stop_ids(checkpoint, tok))
     return tok.decode(gen.tokens[0]), gen

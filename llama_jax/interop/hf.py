@@ -44,6 +44,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llama_jax.interop import hf_tokenizer
 from llama_jax.model.config import ModelConfig, RopeScaling
 
 Params = Any
@@ -347,9 +348,13 @@ def _check_params(cfg: ModelConfig, params: Params) -> None:
 
 
 def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=DEFAULT_SHARD_SIZE,
-         dtype=None, overwrite: bool = False) -> None:
+         dtype=None, overwrite: bool = False, tokenizer=None) -> None:
     """Writes a HF Llama folder (config.json, safetensors shards of at most `shard_size` bytes, and
     `model.safetensors.index.json` when there is more than one shard) that transformers loads.
+
+    With `tokenizer` (a `llama_jax.data.tokenizer.Tokenizer`) the folder also gets tokenizer.json,
+    tokenizer_config.json (with the chat template) and generation_config.json (`llama_jax.interop.hf_tokenizer`),
+    and config.json its BOS / stop ids.
 
     `dtype` (e.g. "bfloat16") casts on the way out; default keeps the params' dtype. The folder is assembled
     in a temporary sibling and renamed into place, so an interrupted save leaves nothing half-written.
@@ -359,6 +364,9 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists and is not empty; pass overwrite=True to replace it")
     limit = _parse_size(shard_size)
+    if tokenizer is not None and tokenizer.n_words > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_words} ids but model {cfg.name!r} has a vocabulary of "
+                         f"{cfg.vocab_size}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_staging(path)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + STAGING_SUFFIX, dir=os.path.dirname(path))
@@ -393,8 +401,12 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
         if n > 1:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map_out}, f, indent=2)
+        hf_config = config_to_hf(cfg, out_dtype or "float32")
+        if tokenizer is not None:
+            hf_tokenizer.save(tmp, tokenizer, model_max_length=cfg.max_seq_len)
+            hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=list(tokenizer.stop_ids))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config_to_hf(cfg, out_dtype or "float32"), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.remove(os.path.join(tmp, _STAGING_LOCK))

@@ -53,6 +53,19 @@ class _ScanBlock(nn.Module):
         return Block(self.cfg, name="block")(x, positions, segment_ids, cache, cache_index)
 
 
+def _lookup(table_VD: Array, tokens_BT: Array, dtype) -> Array:
+    """Embedding lookup that partitions cleanly under every rule set.
+
+    The table's `embed` dimension is gathered first (what FSDP does for every weight), leaving it sharded
+    over the vocabulary only; XLA then partitions the row gather as Megatron's vocabulary-parallel lookup
+    (each shard looks up the ids in its row range, the others contribute zeros, one all-reduce). Left to
+    itself the partitioner would keep `embed` sharded in the output and fall back to replicating the
+    activations (forward) or the whole table (backward) to reach the batch-sharded layout.
+    """
+    table_VD = constrain(table_VD.astype(dtype), ("vocab", None))
+    return jnp.take(table_VD, tokens_BT, axis=0)
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -70,7 +83,7 @@ class Transformer(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")),
                          name="embed")
-        x = constrain(embed(tokens_BT).astype(dtype), ("act_batch", "act_length", "act_embed"))
+        x = constrain(_lookup(embed.embedding, tokens_BT, dtype), ("act_batch", "act_length", "act_embed"))
 
         cache_index = None if cache is None else cache["index"]
         kv_seg = None

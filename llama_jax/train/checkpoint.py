@@ -99,20 +99,6 @@ def verify_checkpoint(step_dir: str) -> bool:
     return True
 
 
-def describe_error(e: BaseException, limit: int = 400) -> str:
-    """One line for a failed checkpoint read: the error and its causes (`a <- b`), first line of each, without
-    the TensorStore spec that Orbax appends to array read errors."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen and len(parts) < 4:
-        seen.add(id(e))
-        text = str(e).split(" See full TensorStore details")[0].strip()
-        line = text.splitlines()[0].strip() if text else ""
-        parts.append(f"{type(e).__name__}: {line}" if line else type(e).__name__)
-        e = e.__cause__ or e.__context__
-    out = " <- ".join(parts)
-    return out if len(out) <= limit else out[:limit - 3] + "..."
-
-
 class StageCheckpoints:
     """Save / restore for one stage. `iterator` is the grain DatasetIterator whose state is checkpointed."""
 
@@ -196,9 +182,20 @@ class StageCheckpoints:
                 return step, state, iterator, meta
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 logging.warning("checkpoint %s/%d could not be restored (%s); falling back to the previous one",
-                                self.directory, step, describe_error(e))
+                                self.directory, step, f"{type(e).__name__}: {first_line(e)}")
                 self._quarantine(step)
         return None
+
+    def state_shapes(self, step: int) -> dict[str, tuple]:
+        """{tree path (`path_names`): shape} of the arrays in checkpoint `step`'s train state (metadata only)."""
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+        return {path_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+                if hasattr(v, "shape")}
+
+    def quarantine(self, step: int) -> None:
+        """Moves checkpoint `step` aside to `<step>.corrupt-<time>` (kept for inspection, never restored)."""
+        self._quarantine(step)
 
     def _quarantine(self, step: int) -> None:
         path = os.path.join(self.directory, str(step))
@@ -231,36 +228,20 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     return restored["state"]["params"], step
 
 
-def is_workdir(path: str) -> bool:
-    """A training workdir: the run's config.json plus stages/<name>/checkpoints."""
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "stages"))
+def list_steps(directory: str) -> list[int]:
+    """Committed checkpoint steps in a stage's checkpoint directory (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def load_workdir(path: str, stage: str | None = None, dtype: str = "float32"):
-    """(ModelConfig, params) of a training workdir: the latest checkpoint of `stage`, by default the last stage
-    of the experiment that has a checkpoint. Params are loaded replicated on the default device."""
-    import json
+def path_names(path) -> str:
+    """A pytree path as "a/b/0/c", the same for dataclass fields, dict keys and sequence indices."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
-    import jax.numpy as jnp
-    import ml_collections
 
-    from llama_jax import experiment
-    from llama_jax.model import transformer
-
-    if not is_workdir(path):
-        raise FileNotFoundError(f"{path!r} is not a training workdir: it has no config.json and stages/ folder")
-    with open(os.path.join(path, "config.json")) as f:
-        c = ml_collections.ConfigDict(json.load(f))
-    stages = [st for st in c.stages if os.path.isdir(os.path.join(path, "stages", st["name"], "checkpoints"))]
-    if stage is not None:
-        stages = [st for st in stages if st["name"] == stage]
-    if not stages:
-        raise FileNotFoundError(f"no stage checkpoints{' for stage ' + repr(stage) if stage else ''} in workdir "
-                                f"{path!r}")
-    st = stages[-1]
-    cfg = experiment.resolve_model(c, st).replace(remat="none")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            transformer.param_shapes(cfg))
-    params, _ = load_params(os.path.join(path, "stages", st["name"], "checkpoints"), abstract)
-    return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (TensorStore errors run to hundreds of lines), without the
+    TensorStore spec that Orbax appends to array read errors."""
+    lines = str(e).split(" See full TensorStore details")[0].strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

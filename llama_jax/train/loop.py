@@ -1,56 +1,74 @@
-"""The experiment driver: runs an experiment's stages in order, with checkpoints, evaluation and recovery.
+"""The experiment driver: runs an experiment's typed stages in order, shared by every stage kind.
 
-This is the one module that wires model, data, sharding and checkpointing together.
+This is the one module that wires model, data, sharding and checkpointing together. `run_experiment` resolves
+the config once (`experiment.resolve`), checks it against the workdir, and runs each unfinished stage with a
+`StageRun`, whose loop is a few named parts: `restore_or_init`, `StageStream` (the stage's one data stream),
+the compiled step, `SpikeMonitor` (bad steps -> rollback), periodic actions (`due`: checkpoint, metrics, eval),
+the SIGTERM flag (`Preemption`) and `finish` (the kind's final eval and outputs, DONE.json). What a stage
+trains on and how it is evaluated comes from its kind (`llama_jax.train.kinds`).
 
 Resume order for a stage (first that applies):
-  1. the stage's own checkpoints in the workdir (newest that restores cleanly; a corrupted one is moved aside);
+  1. the stage's own checkpoints in the workdir: the newest that restores (one that fails to restore is moved
+     aside once an older one restored; if none restores the run stops and names each and why, unless
+     `start_over`); a checkpoint whose arrays have other shapes than the config is never "corrupt": the run
+     stops and names the tensors;
   2. the previous stage's final parameters (later stages);
   3. `config.init_from` (first stage; another run's checkpoint directory, params only);
   4. scratch (random init from `config.seed`).
-A finished stage leaves `<workdir>/stages/<name>/DONE.json` and is skipped on restart.
+A finished stage leaves `<workdir>/stages/<name>/DONE.json` and is skipped on restart. A config whose defining
+keys (`workdir.DEFINING_KEYS`) differ from the workdir's `config.json` is refused, naming the keys, unless
+`allow_config_change`; `config.json` is rewritten only when a stage then runs.
 
 Fault handling: the step skips any update whose loss or gradient is not finite. On the host, `spike.max_bad_steps`
 bad steps within `spike.window` steps roll the run back to the last checkpoint before the first bad step and
-skip the data window consumed since that checkpoint (logged, and recorded in the checkpoint metadata).
-SIGTERM (preemption) saves a checkpoint at the next step boundary and exits.
+skip the data consumed since that checkpoint; if the bad steps come back after a rollback to a checkpoint
+before any newer one was written, that checkpoint reproduces the fault and the next rollback walks back past it.
+SIGTERM (preemption) saves a checkpoint at the next step boundary and exits; one that arrives during a stage's
+final evaluation or samples stops the run after the stage is recorded as finished, before the next stage.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
+import threading
 import time
 import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from llama_jax import experiment
+from llama_jax import workdir as workdir_lib
+from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus as corpus_lib
 from llama_jax.data import pipeline
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
+from llama_jax.train import kinds as kinds_lib
 from llama_jax.train import metrics as metrics_lib
 from llama_jax.train import step as step_lib
-from llama_jax.train.optim import OptimConfig
-
 
 _PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu")
 
 
 class Preempted(SystemExit):
-    """Raised after a SIGTERM-triggered checkpoint was written."""
+    """Raised after a SIGTERM: the stage's checkpoint (or its DONE.json) was written."""
+
+
+def due(step: int, every: int) -> bool:
+    """A periodic action at `step` every `every` steps; `every` 0 = never."""
+    return every > 0 and step % every == 0
 
 
 def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
@@ -61,332 +79,453 @@ def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
             raise FileNotFoundError(f"config.tokenizer: {c.tokenizer!r} does not exist")
         path = c.tokenizer
     else:
-        cache = data_cache_dir(c, workdir)
+        cache = workdir_lib.data_cache_dir(workdir, c.data.cache_dir)
         corpus_lib.default_tokenizer(cache)  # trains and caches it on first use
         path = os.path.join(corpus_lib.corpus_dir(cache), f"tokenizer-{corpus_lib.DEFAULT_BPE_RANKS}.model")
-    target = os.path.join(workdir, "tokenizer.model")
+    target = workdir_lib.tokenizer_path(workdir)
     if jax.process_index() == 0 and not os.path.exists(target):
         shutil.copyfile(path, target + ".tmp")
         os.replace(target + ".tmp", target)
     return Tokenizer.from_file(path)
 
 
-def data_cache_dir(c: ml_collections.ConfigDict, workdir: str) -> str:
-    return c.data.cache_dir or os.path.join(workdir, "data_cache")
+class Preemption:
+    """The SIGTERM flag, installed for the whole experiment (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum, frame):  # noqa: ARG002
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
 
 
-def stage_dir(workdir: str, name: str) -> str:
-    return os.path.join(workdir, "stages", name)
+def run_experiment(c: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
+                   start_over: bool = False) -> dict[str, dict]:
+    """Runs (or resumes) every stage of the experiment `c` in `workdir`. Returns each stage's final metrics.
 
-
-def run_experiment(c: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Runs (or resumes) every stage of the experiment `c` in `workdir`. Returns each stage's final metrics."""
-    experiment.validate(c)
+    allow_config_change: resume although the config's defining keys differ from the workdir's config.json
+      (the checkpoints must still have the config's shapes).
+    start_over: when none of a stage's checkpoints restores, move them aside and start the stage again.
+    """
+    stages = experiment.resolve(c)
     workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} exists and is not a directory")
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+    config_current = _check_workdir_config(c, workdir, allow_config_change)
     mesh = mesh_lib.make_mesh(c.mesh.to_dict())
     rules = rules_lib.get_rules(c.sharding_rules)
     tokenizer = load_tokenizer(c, workdir)
     logging.info("mesh %s, rules %s, %d devices (%s)", dict(mesh.shape), c.sharding_rules, jax.device_count(),
                  jax.devices()[0].device_kind)
+    run_class = StageRun
+    if list(c.debug.nan_at_steps) or list(c.debug.get("nan_params_in_checkpoints", [])):
+        from llama_jax.train import faults  # noqa: PLC0415 - test aids, outside the production loop
+        run_class = faults.FaultyStageRun
     results = {}
-    previous = None
-    with metrics_lib.MetricWriter(workdir) as writer:
-        for index, st in enumerate(c.stages):
-            sdir = stage_dir(workdir, st["name"])
-            done = os.path.join(sdir, "DONE.json")
-            if os.path.exists(done):
-                logging.info("stage %r already finished; skipping", st["name"])
-                with open(done) as f:
-                    results[st["name"]] = json.load(f)
-            else:
-                results[st["name"]] = StageRunner(c, st, index, workdir, previous, mesh, rules, tokenizer,
-                                                  writer).run()
-            previous = sdir
+    with metrics_lib.MetricWriter(workdir) as writer, Preemption() as preemption:
+        for stage in stages:
+            done = workdir_lib.read_done(workdir, stage.name)
+            if done is not None:
+                logging.info("stage %r already finished; skipping", stage.name)
+                results[stage.name] = done
+                continue
+            if not config_current and jax.process_index() == 0:
+                workdir_lib.write_config(workdir, c)
+                config_current = True
+            run = run_class(c, stage, workdir, mesh, rules, tokenizer, writer, preemption, start_over)
+            results[stage.name] = run.run()
     return results
 
 
-class StageRunner:
-    """Trains one stage. Holds the compiled steps (one per batch shape), checkpoints and host-side counters."""
+def _check_workdir_config(c, workdir: str, allow_config_change: bool) -> bool:
+    """Refuses a config whose defining keys differ from the workdir's; True when config.json matches `c`."""
+    if not os.path.exists(workdir_lib.config_path(workdir)):
+        return False
+    try:
+        stored = workdir_lib.read_config(workdir)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"workdir {workdir!r}: {workdir_lib.CONFIG} is unreadable ({e})") from None
+    differences = workdir_lib.config_differences(stored, c)
+    if differences and not allow_config_change:
+        shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
+        raise ValueError(f"the config differs from the one workdir {workdir!r} was trained with: {shown}. Use a "
+                         "new workdir, or pass --allow_config_change to resume with it")
+    return not differences and stored.to_json_best_effort(sort_keys=True) == c.to_json_best_effort(sort_keys=True)
 
-    def __init__(self, c, st, index: int, workdir: str, previous_stage: str | None, mesh, rules,
-                 tokenizer: Tokenizer, writer):
-        self.c, self.st, self.index, self.workdir = c, st, index, workdir
-        self.previous_stage, self.mesh, self.rules, self.tokenizer, self.writer = (previous_stage, mesh, rules,
-                                                                                   tokenizer, writer)
-        self.name = st["name"]
-        self.dir = stage_dir(workdir, self.name)
-        self.model_cfg: ModelConfig = experiment.resolve_model(c, st)
-        if tokenizer.n_words > self.model_cfg.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.n_words} ids but model {self.model_cfg.name!r} has "
-                             f"vocab_size {self.model_cfg.vocab_size}")
-        self.total_steps, self.phases = experiment.stage_steps(st)
-        divisor = mesh_lib.batch_divisor(mesh) * int(st["grad_accum"])
-        for _, seq_len, batch in self.phases:
-            if batch % divisor:
-                raise ValueError(f"stage {self.name!r}: global batch {batch} is not divisible by the {divisor} "
-                                 f"data-parallel devices x grad_accum of mesh {dict(mesh.shape)}")
+
+@dataclasses.dataclass
+class StageState:
+    """Host-side progress of a stage, saved as each checkpoint's metadata (JSON)."""
+
+    phase: int = 0
+    tokens: int = 0
+    rollbacks: int = 0
+    skipped_windows: list = dataclasses.field(default_factory=list)
+    last_rollback_target: int = -1  # the checkpoint the last rollback restored (-1: none)
+    seed: int = 0
+    # The stage's data stream, per process ([process][source]): where the current phase's stream starts and
+    # the last document index each source contributed tokens from in this phase (-1 = none yet).
+    phase_start: list = dataclasses.field(default_factory=list)
+    consumed: list = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StageState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in known})
+
+
+class StageStream:
+    """A stage's one data stream: the kind's iterator at the current phase's shape, continued at each phase
+    change from the documents not yet used (the rest of a document split across the boundary is dropped)."""
+
+    def __init__(self, kind: kinds_lib.StageKind, ctx: kinds_lib.StageContext):
+        self.kind, self.ctx = kind, ctx
+        self.sources = [s["name"] for s in ctx.data_cfg["sources"]]
+        self.phase, self.iterator = -1, None
+        self.start: list[int] = [0] * len(self.sources)
+        self.consumed: list[int] = [-1] * len(self.sources)
+
+    def open(self, phase: int, start: list[int], consumed: list[int] | None = None):
+        self.phase, self.start = phase, [int(x) for x in start]
+        self.consumed = [int(x) for x in consumed] if consumed is not None else [-1] * len(self.sources)
+        starts = {name: s for name, s in zip(self.sources, self.start) if s}
+        self.iterator = self.kind.train_iterator(self.ctx, phase, starts)
+        return self.iterator
+
+    def next(self, step: int) -> dict:
+        phase = self.ctx.stage.phase_at(step)
+        if phase != self.phase:
+            p = self.ctx.stage.phases[phase]
+            logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d)", self.ctx.stage.name,
+                         self.phase, phase, step, p.seq_len, p.global_batch)
+            self.open(phase, [c + 1 if c >= 0 else s for s, c in zip(self.start, self.consumed)])
+        batch = next(self.iterator)
+        documents = batch.pop(batch_lib.DOCUMENT_KEY, None) if isinstance(batch, dict) else None
+        if documents is not None:
+            for source, last in batch_lib.consumed_documents(documents, len(self.sources)).items():
+                self.consumed[source] = max(self.consumed[source], last)
+        return batch
+
+
+def _all_processes(row: list[int]) -> list[list[int]]:
+    if jax.process_count() == 1:
+        return [list(row)]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return np.asarray(multihost_utils.process_allgather(np.asarray(row, np.int64))).tolist()
+
+
+class SpikeMonitor:
+    """Counts bad steps (non-finite, or loss > spike_factor x its running mean) in a sliding window."""
+
+    def __init__(self, max_bad_steps: int, window: int, spike_factor: float):
+        self.max_bad_steps, self.window, self.spike_factor = max_bad_steps, window, spike_factor
+        self.reset()
+
+    def reset(self) -> None:
+        self.bad_steps: collections.deque = collections.deque()
+        self.ema_loss = None
+
+    def observe(self, step: int, loss: float, nonfinite: bool) -> bool:
+        """Records step `step`; True if it was bad."""
+        bad = nonfinite or (self.spike_factor > 0 and self.ema_loss is not None
+                            and loss > self.spike_factor * self.ema_loss)
+        if bad:
+            self.bad_steps.append(step)
+        elif math.isfinite(loss):
+            self.ema_loss = loss if self.ema_loss is None else 0.9 * self.ema_loss + 0.1 * loss
+        while self.bad_steps and self.bad_steps[0] <= step - self.window:
+            self.bad_steps.popleft()
+        return bad
+
+    def rollback_from(self) -> int | None:
+        """The first bad step of the window when a rollback is due, else None."""
+        return self.bad_steps[0] if len(self.bad_steps) >= self.max_bad_steps else None
+
+
+class StageRun:
+    """Trains one stage: the shared driver. Holds the compiled steps (one per batch shape), the checkpoints
+    and the host-side counters."""
+
+    def __init__(self, c, stage: experiment.Stage, workdir: str, mesh, rules, tokenizer: Tokenizer, writer,
+                 preemption: Preemption, start_over: bool = False):
+        self.c, self.stage, self.workdir, self.mesh, self.rules = c, stage, workdir, mesh, rules
+        self.tokenizer, self.writer, self.preemption, self.start_over = tokenizer, writer, preemption, start_over
+        self.name, self.dir = stage.name, workdir_lib.stage_dir(workdir, stage.name)
+        if tokenizer.n_words > stage.model.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.n_words} ids but model {stage.model.name!r} has "
+                             f"vocab_size {stage.model.vocab_size}")
+        divisor = mesh_lib.batch_divisor(mesh) * stage.grad_accum
+        for p in stage.phases:
+            if p.global_batch % divisor:
+                raise ValueError(f"stage {self.name!r}: global batch {p.global_batch} is not divisible by the "
+                                 f"{divisor} data-parallel devices x grad_accum of mesh {dict(mesh.shape)}")
+        self.total_steps = stage.total_steps
         if c.debug.max_steps:
             self.total_steps = min(self.total_steps, int(c.debug.max_steps))
-        schedule_steps = max(experiment.stage_steps(st)[0], int(st["optim"]["warmup_steps"]))
-        self.optim_cfg = OptimConfig.from_dict({**dict(st["optim"]), "total_steps": schedule_steps})
-        data = c.data.to_dict()
-        data.update(dict(st["data"]))
-        data["cache_dir"] = data_cache_dir(c, workdir)
-        self.data_cfg = data
+        data_cfg = experiment.thaw(stage.data)
+        data_cfg["cache_dir"] = workdir_lib.data_cache_dir(workdir, c.data.cache_dir)
+        self.kind = kinds_lib.get(stage.kind)
+        self.ctx = kinds_lib.StageContext(stage=stage, config=c, tokenizer=tokenizer, mesh=mesh, rules=rules,
+                                          writer=writer, data_cfg=data_cfg, to_device=self.to_device,
+                                          eval_step=self._eval_step)
+        self.stream = StageStream(self.kind, self.ctx)
         ck = c.checkpoint
         self.ckpts = ckpt_lib.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=ck.keep,
                                                keep_every=ck.keep_every or None, async_save=ck.async_save)
-        self.steps: dict[tuple[int, int], Any] = {}
-        self.eval_steps: dict[tuple[int, int], Any] = {}
-        self._sigterm = False
-        self._injected: set[int] = set()  # debug.nan_at_steps already injected (each only once)
+        self.monitor = SpikeMonitor(int(c.spike.max_bad_steps), int(c.spike.window), float(c.spike.spike_factor))
+        self._steps: dict[Any, Any] = {}
+        self._eval_steps: dict[tuple[int, int], Any] = {}
 
-    # ------------------------------------------------------------------------------------------ helpers
-
-    def phase_at(self, step: int) -> int:
-        return max(i for i, (first, _, _) in enumerate(self.phases) if first <= step)
-
-    def make_iterator(self, phase: int):
-        _, seq_len, batch = self.phases[phase]
-        seed = (int(self.c.seed) * 1_000_003 + self.index * 1009 + phase) % (2 ** 31)
-        return pipeline.make_train_iterator(self.data_cfg, self.tokenizer, seq_len, batch, seed)
-
-    def compiled_step(self, phase: int, poisoned: bool = False):
-        key = (phase, int(poisoned))
-        if key not in self.steps:
-            fn = step_lib.make_train_step(self.model_cfg, self.optim_cfg, int(self.st["grad_accum"]),
-                                          loss_fn=self._nan_loss if poisoned else None,
-                                          loss_chunk=int(self.st["loss_chunk"]))
-            self.steps[key] = step_lib.jit_train_step(fn, self.mesh, self.rules, self.shardings)
-        return self.steps[key]
-
-    def _nan_loss(self, params, batch):
-        """debug.nan_at_steps: the real loss times NaN, so the loss and every gradient are non-finite."""
-        total, count = step_lib.loss_sum(self.model_cfg, params, batch, int(self.st["loss_chunk"]))
-        return total * jnp.nan, count
+    # ----------------------------------------------------------------------------------------- parts
 
     def to_device(self, batch_np):
-        return pipeline.make_global_batch({k: batch_np[k] for k in step_lib.BATCH_KEYS},
-                                          mesh_lib.data_sharding(self.mesh))
+        return batch_lib.make_global_batch(batch_np, mesh_lib.data_sharding(self.mesh))
 
-    # ------------------------------------------------------------------------------------------ restore
+    def compiled_step(self, phase: int, loss_fn=None, key: Any = None):
+        key = (phase, key)
+        if key not in self._steps:
+            fn = step_lib.make_train_step(self.stage.model, self.stage.optim, self.stage.grad_accum,
+                                          loss_fn=loss_fn or self.kind.loss_fn(self.ctx),
+                                          loss_chunk=self.stage.loss_chunk)
+            self._steps[key] = step_lib.jit_train_step(fn, self.mesh, self.rules, self.shardings)
+        return self._steps[key]
 
-    def restore_or_init(self):
-        self.abstract = abstract = step_lib.abstract_train_state(self.model_cfg, self.optim_cfg, self.mesh,
-                                                                 self.rules)
-        self.shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        restored = self.ckpts.restore_latest(abstract, lambda meta: self.make_iterator(int(meta.get("phase", 0))))
-        if restored is not None:
-            step, state, it, meta = restored
+    def step_fn(self, step: int, phase: int):  # noqa: ARG002 - `step` is for subclasses (fault injection)
+        """The compiled step that runs step `step` (0-based) of phase `phase`."""
+        return self.compiled_step(phase)
+
+    def _eval_step(self, seq_len: int, global_batch: int):
+        key = (seq_len, global_batch)
+        if key not in self._eval_steps:
+            self._eval_steps[key] = step_lib.jit_eval_step(self.stage.model, self.mesh, self.rules,
+                                                           self.shardings.params, self.stage.loss_chunk)
+        return self._eval_steps[key]
+
+    def save(self, step: int, state, info: StageState, force: bool = False) -> None:
+        info.phase = self.stream.phase
+        info.phase_start = _all_processes(self.stream.start)
+        info.consumed = _all_processes(self.stream.consumed)
+        self.ckpts.save(step, state, self.stream.iterator, info.to_json(), force=force)
+
+    def _restore(self, step: int, abstract) -> tuple[Any, StageState]:
+        info = StageState.from_json(self.ckpts.read_meta(step))
+        proc = jax.process_index()
+        start = info.phase_start[proc] if info.phase_start else [0] * len(self.stream.sources)
+        consumed = info.consumed[proc] if info.consumed else None
+        iterator = self.stream.open(info.phase, start, consumed)
+        state, meta = self.ckpts.restore(step, abstract, iterator)
+        return state, StageState.from_json(meta)
+
+    def _shape_mismatch(self, step: int) -> str:
+        try:
+            stored = self.ckpts.state_shapes(step)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore below reports it
+            return ""
+        want = {ckpt_lib.path_names(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(self.abstract)}
+        diffs = [f"{k} {stored[k]} vs {want[k]}" for k in want if k in stored and stored[k] != want[k]]
+        return ", ".join(diffs[:4]) + (", ..." if len(diffs) > 4 else "")
+
+    def restore_or_init(self) -> tuple[int, Any, StageState]:
+        self.abstract = step_lib.abstract_train_state(self.stage.model, self.stage.optim, self.mesh, self.rules)
+        self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
+        failures = []
+        for step in reversed(self.ckpts.all_steps()):
+            mismatch = self._shape_mismatch(step)
+            if mismatch:
+                raise ValueError(f"stage {self.name!r}: checkpoint {self.ckpts.directory}/{step} holds arrays of "
+                                 f"other shapes than the config's model (checkpoint vs config: {mismatch}); it was "
+                                 f"written with another model config: use a new workdir")
+            try:
+                state, info = self._restore(step, self.abstract)
+            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+                failures.append((step, f"{type(e).__name__}: {ckpt_lib.first_line(e)}"))
+                logging.warning("stage %r: checkpoint %s/%d does not restore (%s)", self.name,
+                                self.ckpts.directory, step, failures[-1][1])
+                continue
+            for bad, _ in failures:
+                self.ckpts.quarantine(bad)
             logging.info("stage %r: resumed from its checkpoint at step %d", self.name, step)
-            return step, state, it, meta
+            return step, state, info
+        if failures:
+            listed = "; ".join(f"{self.ckpts.directory}/{s}: {why}" for s, why in failures)
+            if not self.start_over:
+                raise ValueError(f"stage {self.name!r}: none of its checkpoints restores ({listed}); nothing was "
+                                 "changed. Pass --start_over to move them aside and train the stage again")
+            logging.warning("stage %r: no checkpoint restores (%s); moved aside, starting over", self.name, listed)
+            for bad, _ in failures:
+                self.ckpts.quarantine(bad)
         params, source = None, "scratch"
-        if self.previous_stage is not None:
-            params, at = ckpt_lib.load_params(os.path.join(self.previous_stage, "checkpoints"), abstract.params)
-            source = f"previous stage {os.path.basename(self.previous_stage)!r} step {at}"
-        elif self.c.init_from:
-            params, at = ckpt_lib.load_params(self.c.init_from, abstract.params)
-            source = f"init_from {self.c.init_from!r} step {at}"
-        state, _ = step_lib.init_train_state(self.model_cfg, self.optim_cfg, self.mesh, self.rules,
-                                             jax.random.key(int(self.c.seed)), params=params)
+        origin, _, where = self.stage.init_source.partition(":")
+        if origin == "previous":
+            params, at = ckpt_lib.load_params(workdir_lib.checkpoints_dir(self.workdir, where), self.abstract.params)
+            source = f"previous stage {where!r} step {at}"
+        elif origin == "init_from":
+            params, at = ckpt_lib.load_params(where, self.abstract.params)
+            source = f"init_from {where!r} step {at}"
+        state, _ = step_lib.init_train_state(self.stage.model, self.stage.optim, self.mesh, self.rules,
+                                             jax.random.key(self.stage.seed), params=params)
         logging.info("stage %r: starting from %s", self.name, source)
-        meta = {"phase": 0, "tokens": 0, "skipped_windows": [], "rollbacks": 0, "seed": int(self.c.seed)}
-        it = self.make_iterator(0)
-        self.ckpts.save(0, state, it, meta)  # a rollback target, and a resumable start for the stage
-        return 0, state, it, meta
+        info = StageState(seed=self.stage.seed)
+        self.stream.open(0, [0] * len(self.stream.sources))
+        self.save(0, state, info)  # a rollback target, and a resumable start for the stage
+        return 0, state, info
+
+    def observe(self, pending, next_dispatch: float | None, info: StageState) -> None:
+        """Host-side metrics of a finished step: throughput, logging, progress, spike monitor."""
+        p_step, p_phase, p_metrics, p_t0 = pending
+        host = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+        # The first step of a shape includes compilation, the last one the final save: neither is timed.
+        if next_dispatch is not None and p_phase in self._throughput:
+            host.update(self._throughput[p_phase].update(int(host["tokens"]), next_dispatch - p_t0))
+        elif next_dispatch is not None:
+            self._throughput[p_phase] = metrics_lib.Throughput(
+                self.stage.model.flops_per_token(self.stage.phases[p_phase].seq_len), jax.device_count(),
+                self._peak)
+        host["perplexity"] = math.exp(min(host["loss"], 50.0))
+        bad = self.monitor.observe(p_step, host["loss"], host["nonfinite"] > 0)
+        if bad:
+            logging.warning("stage %r step %d: bad step (loss %s, grad_norm %s)%s", self.name, p_step,
+                            host["loss"], host["grad_norm"], "; update skipped" if host["nonfinite"] else "")
+        if due(p_step, int(self.c.log_every_steps)) or p_step == self.total_steps or bad:
+            self.writer.write_scalars(p_step, host, prefix=f"{self.name}/train")
+        self._progress.update(p_step, {k: host[k] for k in _PROGRESS_KEYS if k in host})
+
+    def rollback(self, first_bad: int, current_step: int, info: StageState) -> tuple[int, Any, StageState]:
+        """Restores the last checkpoint before `first_bad` (walking back past one that just reproduced the
+        fault, and past one that does not restore) and skips the data consumed since it."""
+        self.ckpts.wait()
+        rollbacks = info.rollbacks + 1
+        if rollbacks > int(self.c.spike.max_rollbacks):
+            raise RuntimeError(f"stage {self.name!r}: more than {self.c.spike.max_rollbacks} rollbacks; giving up "
+                               f"(bad steps again at step {first_bad})")
+        candidates = [s for s in self.ckpts.all_steps() if s < first_bad]
+        if candidates and candidates[-1] == info.last_rollback_target:
+            logging.warning("stage %r: the bad steps came back after the rollback to step %d before any newer "
+                            "checkpoint: walking back past it", self.name, candidates[-1])
+            candidates.pop()
+        while candidates:
+            target = candidates.pop()
+            try:
+                state, restored = self._restore(target, self.abstract)
+                break
+            except Exception as e:  # noqa: BLE001
+                logging.warning("stage %r: rollback target %d does not restore (%s: %s); trying the previous one",
+                                self.name, target, type(e).__name__, ckpt_lib.first_line(e))
+                self.ckpts.quarantine(target)
+        else:
+            raise RuntimeError(f"stage {self.name!r}: no usable checkpoint before bad step {first_bad} to roll "
+                               "back to")
+        for step in range(target, current_step):  # the data of the bad window is skipped, phase changes included
+            self.stream.next(step)
+        restored.skipped_windows = list(restored.skipped_windows) + [[target, current_step]]
+        restored.rollbacks, restored.tokens, restored.last_rollback_target = rollbacks, info.tokens, target
+        logging.warning("stage %r: %d bad steps from step %d: rolled back to step %d and skipped the %d batches "
+                        "of steps %d..%d", self.name, self.c.spike.max_bad_steps, first_bad, target,
+                        current_step - target, target, current_step - 1)
+        self.writer.write_text(current_step, f"{self.name}/rollback",
+                               f"rolled back to step {target}; skipped data of steps {target}..{current_step - 1}")
+        for s in [s for s in self.ckpts.all_steps() if s > target]:
+            self.ckpts.delete(s)
+        self.monitor.reset()
+        return target, state, restored
+
+    def periodic(self, step: int, state, info: StageState) -> None:
+        """Checkpoint, preemption and evaluation after step `step` was dispatched."""
+        if due(step, int(self.c.checkpoint.every_steps)) or step == self.total_steps or self.preemption.requested:
+            self.save(step, state, dataclasses.replace(info), force=True)
+        if self.preemption.requested:
+            self.ckpts.wait()
+            raise Preempted(f"SIGTERM: checkpoint saved at step {step} of stage {self.name!r}")
+        if int(self.c.eval.batches) and due(step, int(self.c.eval.every_steps)) and step < self.total_steps:
+            self.evaluate(state, step)
+
+    def evaluate(self, state, step: int) -> dict:
+        out = self.kind.evaluate(self.ctx, state.params, self.stream.phase, step)
+        self.writer.write_scalars(step, out, prefix=f"{self.name}/eval")
+        logging.info("stage %r step %d: eval %s", self.name, step, out)
+        return out
+
+    def finish(self, step: int, state, info: StageState) -> dict:
+        """The kind's final evaluation and outputs, then DONE.json; a SIGTERM meanwhile stops the run after it."""
+        self.ckpts.wait()
+        final = {"step": step, "tokens": info.tokens, "skipped_steps": int(jax.device_get(state.skipped)),
+                 "rollbacks": info.rollbacks}
+        if int(self.c.eval.batches):
+            final.update({f"eval_{k}": v for k, v in self.evaluate(state, step).items()})
+        final.update(self.kind.finish(self.ctx, state))
+        if jax.process_index() == 0:
+            workdir_lib.write_json_atomic(workdir_lib.done_path(self.workdir, self.name), final)
+        logging.info("stage %r finished: %s", self.name, {k: v for k, v in final.items() if k != "samples"})
+        if self.preemption.requested:
+            raise Preempted(f"SIGTERM during the end of stage {self.name!r}: the stage is finished and recorded; "
+                            "stopping before the next stage")
+        return final
 
     # ---------------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
         os.makedirs(self.dir, exist_ok=True)
-        step, state, it, meta = self.restore_or_init()
-        phase = int(meta.get("phase", 0))
-        c = self.c
-        logging.info("stage %r: %d steps; phases (first step, seq_len, global batch): %s; model %s (%.3gM params)",
-                     self.name, self.total_steps, self.phases, self.model_cfg.name,
-                     self.model_cfg.param_count() / 1e6)
-        peak, peak_src = metrics_lib.device_peak_flops(self.model_cfg.dtype)
-        logging.info("MFU peak per device: %.3g FLOP/s (%s)", peak, peak_src)
-        progress = metrics_lib.Progress(self.total_steps, start_step=step, desc=self.name)
-        bad_steps: collections.deque = collections.deque()
-        ema_loss = None
-        pending = None  # (step, phase, metrics, t_dispatch) of the step in flight
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        throughput = {}
-        last_eval = None
+        if jax.process_index() == 0:
+            workdir_lib.write_model_config(self.workdir, self.name, self.stage.model)
         try:
+            step, state, info = self.restore_or_init()
+            logging.info("stage %r (%s): %d steps; phases %s; model %s (%.3gM params)", self.name, self.stage.kind,
+                         self.total_steps, self.stage.phases, self.stage.model.name,
+                         self.stage.model.param_count() / 1e6)
+            self._peak, peak_src = metrics_lib.device_peak_flops(self.stage.model.dtype)
+            logging.info("MFU peak per device: %.3g FLOP/s (%s)", self._peak, peak_src)
+            self._progress = metrics_lib.Progress(self.total_steps, start_step=step, desc=self.name)
+            self._throughput: dict[int, metrics_lib.Throughput] = {}
+            pending = None  # (step, phase, metrics, t_dispatch) of the step in flight
             while step < self.total_steps or pending is not None:
+                current = None
                 if step < self.total_steps:
-                    new_phase = self.phase_at(step)
-                    if new_phase != phase:
-                        logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d)",
-                                     self.name, phase, new_phase, step, self.phases[new_phase][1],
-                                     self.phases[new_phase][2])
-                        phase, it = new_phase, self.make_iterator(new_phase)
-                        meta["phase"] = phase
-                    batch_np = next(it)
-                    if c.debug.log_batches:
+                    batch_np = self.stream.next(step)
+                    if self.c.debug.log_batches:
                         self._log_batch(step, batch_np)
-                    poisoned = step + 1 in list(c.debug.nan_at_steps) and step + 1 not in self._injected
-                    if poisoned:
-                        self._injected.add(step + 1)
                     t0 = time.perf_counter()
-                    state, m = self.compiled_step(phase, poisoned)(state, self.to_device(batch_np))
+                    state, metrics = self.step_fn(step, self.stream.phase)(state, self.to_device(batch_np))
                     step += 1
-                    meta["tokens"] = int(meta["tokens"]) + int(np.prod(batch_np["inputs"].shape)) * jax.process_count()
-                    current = (step, phase, m, t0)
-                else:
-                    current = None
-                # Pipelined: fetch the previous step's metrics after the next step was dispatched.
-                if pending is not None:
-                    p_step, p_phase, p_metrics, p_t0 = pending
-                    host = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
-                    dt = (current[3] if current else time.perf_counter()) - p_t0
-                    if current is None:  # the last step's wall time would include the final save: not timed
-                        pass
-                    elif p_phase in throughput:  # the first step of a shape includes compilation: not timed
-                        host.update(throughput[p_phase].update(int(host["tokens"]), dt))
-                    else:
-                        throughput[p_phase] = metrics_lib.Throughput(
-                            self.model_cfg.flops_per_token(self.phases[p_phase][1]), jax.device_count(), peak)
-                    host["perplexity"] = math.exp(min(host["loss"], 50.0))
-                    bad = host["nonfinite"] > 0 or (c.spike.spike_factor > 0 and ema_loss is not None
-                                                    and host["loss"] > c.spike.spike_factor * ema_loss)
-                    if bad:
-                        logging.warning("stage %r step %d: bad step (loss %s, grad_norm %s)%s", self.name, p_step,
-                                        host["loss"], host["grad_norm"],
-                                        "; update skipped" if host["nonfinite"] else "")
-                        bad_steps.append(p_step)
-                    elif math.isfinite(host["loss"]):
-                        ema_loss = host["loss"] if ema_loss is None else 0.9 * ema_loss + 0.1 * host["loss"]
-                    while bad_steps and bad_steps[0] <= p_step - int(c.spike.window):
-                        bad_steps.popleft()
-                    if p_step % int(c.log_every_steps) == 0 or p_step == self.total_steps or bad:
-                        self.writer.write_scalars(p_step, host, prefix=f"{self.name}/train")
-                    progress.update(p_step, {k: host[k] for k in _PROGRESS_KEYS if k in host})
-                    if len(bad_steps) >= int(c.spike.max_bad_steps):
-                        if current is not None:
-                            jax.block_until_ready(state)
-                        step, state, it, meta, phase = self._rollback(bad_steps[0], step, meta)
-                        bad_steps.clear()
-                        ema_loss = None
+                    info.tokens += int(np.prod(batch_np["inputs"].shape)) * jax.process_count()
+                    current = (step, self.stream.phase, metrics, t0)
+                if pending is not None:  # pipelined: the previous step's metrics, fetched after this dispatch
+                    self.observe(pending, current[3] if current else None, info)
+                    first_bad = self.monitor.rollback_from()
+                    if first_bad is not None:
+                        jax.block_until_ready(state)
+                        step, state, info = self.rollback(first_bad, step, info)
                         pending = None
                         continue
                 pending = current
-                if current is None:
-                    break
-                if step % int(c.checkpoint.every_steps) == 0 or step == self.total_steps or self._sigterm:
-                    self.ckpts.save(step, state, it, dict(meta), force=True)
-                if self._sigterm:
-                    self.ckpts.wait()
-                    raise Preempted(f"SIGTERM: checkpoint saved at step {step} of stage {self.name!r}")
-                if int(c.eval.every_steps) and step % int(c.eval.every_steps) == 0 and step < self.total_steps:
-                    last_eval = self.evaluate(state, phase, step)
-            self.ckpts.wait()
-            final = {"step": step, "tokens": int(meta["tokens"]), "skipped_steps": int(jax.device_get(state.skipped)),
-                     "rollbacks": int(meta.get("rollbacks", 0))}
-            if int(c.eval.batches):
-                last_eval = self.evaluate(state, phase, step)
-                final.update({f"eval_{k}": v for k, v in last_eval.items()})
-            final["samples"] = self.samples(state)
-            if jax.process_index() == 0:
-                _write_json_atomic(os.path.join(self.dir, "DONE.json"), final)
-            logging.info("stage %r finished: %s", self.name, {k: v for k, v in final.items() if k != "samples"})
-            return final
+                if current is not None:
+                    self.periodic(step, state, info)
+            return self.finish(step, state, info)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
             self.ckpts.close()
-
-    def _on_sigterm(self, signum, frame):  # noqa: ARG002
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
-        self._sigterm = True
-
-    def _rollback(self, first_bad: int, current_step: int, meta: dict):
-        """Restores the last checkpoint before `first_bad` and skips the data consumed since it."""
-        self.ckpts.wait()
-        rollbacks = int(meta.get("rollbacks", 0)) + 1
-        if rollbacks > int(self.c.spike.max_rollbacks):
-            raise RuntimeError(f"stage {self.name!r}: more than {self.c.spike.max_rollbacks} rollbacks; giving up "
-                               f"(bad steps again at step {first_bad})")
-        candidates = [s for s in self.ckpts.all_steps() if s < first_bad]
-        if not candidates:
-            raise RuntimeError(f"stage {self.name!r}: no checkpoint before bad step {first_bad} to roll back to")
-        target = candidates[-1]
-        it = self.make_iterator(int(self.ckpts.read_meta(target).get("phase", 0)))
-        state, meta_saved = self.ckpts.restore(target, self.abstract, it)
-        skip = current_step - target
-        for _ in range(skip):
-            next(it)
-        meta_saved["skipped_windows"] = list(meta_saved.get("skipped_windows", [])) + [[target, current_step]]
-        meta_saved["rollbacks"] = rollbacks
-        meta_saved["tokens"] = int(meta.get("tokens", 0))
-        logging.warning("stage %r: %d bad steps from step %d: rolled back to step %d and skipped the %d batches "
-                        "of steps %d..%d", self.name, self.c.spike.max_bad_steps, first_bad, target, skip, target,
-                        current_step - 1)
-        self.writer.write_text(current_step, f"{self.name}/rollback",
-                               f"rolled back to step {target}; skipped data of steps {target}..{current_step - 1}")
-        for s in [s for s in self.ckpts.all_steps() if s > target]:
-            self.ckpts.delete(s)
-        return target, state, it, meta_saved, int(meta_saved.get("phase", 0))
-
-    # ---------------------------------------------------------------------------------- eval and samples
-
-    def evaluate(self, state, phase: int, step: int) -> dict:
-        _, seq_len, batch = self.phases[phase]
-        gb = int(self.c.eval.global_batch) or batch
-        key = (seq_len, gb)
-        if key not in self.eval_steps:
-            self.eval_steps[key] = step_lib.jit_eval_step(self.model_cfg, self.mesh, self.rules, self.shardings.params)
-        total = count = 0.0
-        for b in pipeline.make_eval_iterator(self.data_cfg, self.tokenizer, seq_len, gb,
-                                             num_batches=int(self.c.eval.batches)):
-            s, n = jax.device_get(self.eval_steps[key](state.params, self.to_device(b)))
-            total, count = total + float(s), count + float(n)
-        if count == 0:
-            raise ValueError(f"stage {self.name!r}: the evaluation split has no tokens")
-        out = {"loss": total / count, "perplexity": math.exp(min(total / count, 50.0)), "tokens": count}
-        self.writer.write_scalars(step, out, prefix=f"{self.name}/eval")
-        logging.info("stage %r step %d: eval loss %.4f perplexity %.2f (%d tokens)", self.name, step, out["loss"],
-                     out["perplexity"], count)
-        return out
-
-    def samples(self, state) -> list[str]:
-        from llama_jax.infer import sampling  # noqa: PLC0415 - only needed at the end of a stage
-        s = self.c.sample
-        prompts = list(s.prompts)
-        if not prompts or int(s.max_new_tokens) <= 0:
-            return []
-        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        cfg = self.model_cfg.replace(remat="none")
-        gen = sampling.generate(cfg, state.params, ids, max_new_tokens=int(s.max_new_tokens),
-                                temperature=float(s.temperature), top_p=float(s.top_p), seed=int(s.seed),
-                                stop_ids=self.tokenizer.stop_ids)
-        texts = [p + self.tokenizer.decode(t) for p, t in zip(prompts, gen.tokens)]
-        for t in texts:
-            logging.info("stage %r sample:\n%s", self.name, t)
-            self.writer.write_text(int(jax.device_get(state.step)), f"{self.name}/sample", t)
-        return texts
 
     def _log_batch(self, step: int, batch_np) -> None:
         if jax.process_index() != 0:
             return
         crc = zlib.crc32(np.ascontiguousarray(batch_np["inputs"]).tobytes())
-        with open(os.path.join(self.dir, "batches.jsonl"), "a") as f:
+        with open(workdir_lib.batches_path(self.workdir, self.name), "a") as f:
             f.write(json.dumps({"step": step, "crc32": crc}) + "\n")
 
 
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+__all__ = ["Preempted", "Preemption", "SpikeMonitor", "StageRun", "StageState", "StageStream", "due",
+           "load_tokenizer", "run_experiment"]

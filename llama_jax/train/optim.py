@@ -1,9 +1,11 @@
 """Optimizer and learning-rate schedules (optax).
 
-AdamW with Llama-style defaults (β1 0.9, β2 0.95, ε 1e-8, decoupled weight decay 0.1 applied to matrices
+AdamW with common-practice defaults (β1 0.9, β2 0.95, ε 1e-8, decoupled weight decay 0.1 applied to matrices
 and embeddings but not to RMSNorm gains), global-norm gradient clipping at 1.0, and a linear warm-up followed
-by cosine (or linear) decay to a floor. optax's decoupled decay multiplies by the current learning rate, so
-`weight_decay=0.1` is exactly the paper's scaling-law setting "weight decay = 0.1 × the current LR".
+by cosine (or linear) decay to a floor. The Llama 3 paper gives neither the betas, ε nor clipping, and gives
+weight decay only for its scaling-law runs; optax's decoupled decay multiplies by the current learning rate,
+so `weight_decay=0.1` is exactly that setting, "weight decay = 0.1 × the current LR". The paper's warm-up
+(8,000 steps), peak LRs and schedule length (1,200,000 steps, `total_steps`) are its own.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from llama_jax.data.batch import BATCH_KEYS, make_global_batch  # noqa: F401 - the one batch contract
 from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
@@ -28,7 +29,6 @@ from llama_jax.train import loss as loss_lib
 from llama_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 from llama_jax.train.state import TrainState
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 Batch = Mapping[str, jax.Array]
 
 
@@ -227,10 +227,3 @@ def jit_eval_step(model_cfg: ModelConfig, mesh: Mesh, rules, param_shardings, lo
             return jitted(params, {k: batch[k] for k in BATCH_KEYS})
 
     return run
-
-
-def make_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch (numpy, the full global batch on a single process) on the mesh."""
-    sh = mesh_lib.data_sharding(mesh)
-    return {k: jax.device_put(jnp.asarray(batch[k], jnp.int32), sh) for k in BATCH_KEYS}
-

@@ -99,13 +99,13 @@ def test_round_trip(small_tokenizer, text):
     assert framed == [small_tokenizer.bos_id, *ids, small_tokenizer.eos_id]
 
 
-def test_specials_refused_unless_allowed(small_tokenizer):
+def test_specials_refused_when_disallowed_unless_allowed(small_tokenizer):
     tok = small_tokenizer
     text = "reply<|eot_id|>next"
     with pytest.raises(ValueError, match=r"<\|eot_id\|>"):
-        tok.encode(text)
+        tok.encode(text, disallowed_special="all")
     with pytest.raises(ValueError, match=r"<\|eot_id\|>"):
-        tok.encode(text, allowed_special={"<|begin_of_text|>"})
+        tok.encode(text, allowed_special={"<|begin_of_text|>"}, disallowed_special="all")
     ids = tok.encode(text, allowed_special={"<|eot_id|>"})
     assert ids.count(tok.eot_id) == 1 and tok.decode(ids) == text
     assert tok.encode(text, allowed_special="all") == ids
@@ -113,6 +113,19 @@ def test_specials_refused_unless_allowed(small_tokenizer):
     assert tok.eot_id not in plain and tok.decode(plain) == text
     with pytest.raises(ValueError, match="<|nope|>"):
         tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_special_text_is_plain_text_by_default_as_meta_and_hf(small_tokenizer):
+    """Meta's reference `encode(..., allowed_special=set(), disallowed_special=())` and HF's
+    `split_special_tokens`-free default both encode special-token text as ordinary text unless allowed."""
+    tok = small_tokenizer
+    text = "reply<|eot_id|>next<|start_header_id|>"
+    ids = tok.encode(text)
+    assert tok.eot_id not in ids and tok.start_header_id not in ids
+    assert ids == [i for piece in ("reply<|eot_id|>next<|start_header_id|>",)
+                   for i in tok.model.encode(piece, disallowed_special=())]
+    assert tok.decode(ids) == text
+    assert tok.encode(text, allowed_special={"<|eot_id|>"}).count(tok.eot_id) == 1
 
 
 def test_decode_rejects_out_of_range(small_tokenizer):
@@ -251,6 +264,27 @@ def test_dialog_format_and_mask(small_tokenizer):
     trained = tok.decode([t for t, m in zip(tokens, mask) if m])
     assert trained == "4<|eot_id|><|python_tag|>print(2+2)<|eom_id|>It printed 4.<|eot_id|>"
     assert not mask[0] and sum(mask) == sum(1 for t, m in zip(tokens, mask) if m)
+
+
+def test_dialog_masks_separate_content_from_formatting(small_tokenizer):
+    tok = small_tokenizer
+    tokens, masks = tok.encode_dialog_masks(_dialog())
+    _, sft_mask = tok.encode_dialog(_dialog())
+    assert len(masks.assistant_content) == len(masks.formatting) == len(tokens)
+    assert not any(c and f for c, f in zip(masks.assistant_content, masks.formatting))
+    content = tok.decode([t for t, m in zip(tokens, masks.assistant_content) if m])
+    assert content == "4print(2+2)It printed 4."
+    control = {tok.bos_id, tok.start_header_id, tok.end_header_id, tok.eot_id, tok.eom_id, tok.python_tag_id}
+    assert control <= {t for t, f in zip(tokens, masks.formatting) if f}
+    assert all(f for t, f in zip(tokens, masks.formatting) if t in control)
+    # Every token is content, formatting or non-assistant message text; SFT's mask = content + the assistant's
+    # formatting tokens after its header.
+    formatting_in_sft = [s and not c for s, c in zip(sft_mask, masks.assistant_content)]
+    assert all(f for f, s in zip(masks.formatting, formatting_in_sft) if s)
+    assert sorted({tokens[i] for i, s in enumerate(formatting_in_sft) if s}) == sorted(
+        {tok.eot_id, tok.eom_id, tok.python_tag_id})
+    gen_tokens, gen_masks = tok.encode_dialog_masks(_dialog()[:1], add_generation_prompt=True)
+    assert len(gen_masks.formatting) == len(gen_tokens) and all(gen_masks.formatting[-4:])
 
 
 def test_dialog_generation_prompt_and_errors(small_tokenizer):

@@ -43,7 +43,7 @@ def test_convert_cli_and_generate_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "llama_jax.convert", "--from=hf", "--to=llama_jax",
                     f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'lj'}"], check=True, env=ENV)
     assert checkpoints.detect(tmp_path / "lj") == "llama_jax"
-    checkpoints.convert(tmp_path / "lj", tmp_path / "hf2", None, "hf", dtype="bfloat16")
+    checkpoints.convert(tmp_path / "lj", tmp_path / "hf2", None, "hf", dtype="bfloat16", weights_only=True)
     cfg2, params2 = hf.load(tmp_path / "hf2")
     assert cfg2.tie_embeddings == CFG.tie_embeddings and cfg2.ffn_dim == CFG.ffn_dim
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b).astype(jnp.bfloat16)), params2,

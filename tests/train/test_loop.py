@@ -27,15 +27,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL = "tiny,steps=12,batch=8,seq_len=32,warmup=2,layers=2"
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    """The embedded corpus and default tokenizer, built once for all driver tests."""
-    path = tmp_path_factory.mktemp("data_cache")
-    from llama_jax.data import corpus
-    corpus.default_tokenizer(str(path))
-    return str(path)
-
-
 def _config(data_cache, arg=SMALL, **updates):
     spec = __import__("importlib.util").util.spec_from_file_location("pretrain", REPO / "experiments/pretrain.py")
     mod = __import__("importlib.util").util.module_from_spec(spec)

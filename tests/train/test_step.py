@@ -69,11 +69,11 @@ def test_sharded_loss_and_grads_equal_single_device(single_device_reference, nam
     assert tuple(w1.sharding.spec) == expected[rules]
 
 
-def _run_steps(mesh_shape, rules, grad_accum=1, n=2, devices=None, batch_fn=_batch):
+def _run_steps(mesh_shape, rules, grad_accum=1, n=2, devices=None, batch_fn=_batch, opt=OPT):
     mesh = mesh_lib.make_mesh(mesh_shape, devices=devices)
     r = rules_lib.get_rules(rules)
-    state, sh = step_lib.init_train_state(CFG, OPT, mesh, r, jax.random.key(0))
-    fn = step_lib.jit_train_step(step_lib.make_train_step(CFG, OPT, grad_accum), mesh, r, sh)
+    state, sh = step_lib.init_train_state(CFG, opt, mesh, r, jax.random.key(0))
+    fn = step_lib.jit_train_step(step_lib.make_train_step(CFG, opt, grad_accum), mesh, r, sh)
     metrics = []
     for i in range(n):
         state, m = fn(state, step_lib.make_global_batch(batch_fn(i), mesh))
@@ -81,31 +81,67 @@ def _run_steps(mesh_shape, rules, grad_accum=1, n=2, devices=None, batch_fn=_bat
     return jax.device_get(state), metrics
 
 
-def test_full_step_on_2x2x2_mesh_matches_single_device():
-    ref_state, ref_m = _run_steps({"data": 1}, "dp", devices=jax.devices()[:1])
-    state, m = _run_steps({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
+# Sharded and unsharded programs sum in different orders, and XLA:CPU picks different kernels per instruction
+# set, so they agree only up to float32 round-off. Loss and gradients are well conditioned and are compared
+# tightly (above). AdamW's first update is lr * g / (|g| + eps) per entry: an entry whose gradient is near zero
+# (|g| ~ its round-off) can land anywhere in [-lr, lr], so the parameters after an AdamW step are bounded entry
+# by entry by what the proven gradient tolerance can explain, never by a constant that held on one CPU. A large
+# eps makes the update proportional to the gradient, which is well conditioned over several steps.
+GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7  # the gradient agreement test_sharded_loss_and_grads_equal_single_device proves
+LARGE_EPS = OptimConfig(peak_lr=1e-3, warmup_steps=0, total_steps=100, final_lr_ratio=0.1, eps=1.0)
+
+
+def _adam_first_step_bound(ref_grads, ref_grad_norm, opt=OPT):
+    """Per-entry bound on |params_a - params_b| after one AdamW step from equal parameters, when the two runs'
+    gradients each lie within GRAD_RTOL / GRAD_ATOL of `ref_grads`. Step one of Adam (bias-corrected) moves each
+    entry by -lr * u(c g) with u(x) = x / (|x| + eps) and c the clipping factor; u is increasing, so the largest
+    difference over the gradient interval g +- tol is u(c (g + tol)) - u(c (g - tol)). Weight decay acts on the
+    equal parameters and cancels; the clipping factors differ by the grad norm's relative error, folded into tol."""
+    scale = min(1.0, opt.clip_norm / ref_grad_norm)
+    lr = float(make_schedule(opt)(0))
+    u = lambda x: x / (np.abs(x) + opt.eps)  # noqa: E731
+    def bound(g):
+        tol = 2 * (GRAD_ATOL + GRAD_RTOL * np.abs(g)) + 4 * GRAD_RTOL * np.abs(g)  # both runs, and the clip factor
+        return lr * (u(scale * (g + tol)) - u(scale * (g - tol))) + 1e-8  # + parameter round-off
+    return jax.tree.map(bound, ref_grads)
+
+
+def _assert_within(params, ref, bound):
+    for (path, a), b, t in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref),
+                               jax.tree.leaves(bound)):
+        excess = np.abs(a - b) - t
+        assert excess.max() <= 0, (f"{jax.tree_util.keystr(path)}: a difference exceeds what the gradient "
+                                   f"tolerance explains by {excess.max():.3g}")
+
+
+def _assert_steps_match(reference, mesh_shape, rules, grad_accum=1, devices=None):
+    """One AdamW step bounded entry by entry; two large-eps steps close; losses and grad norms tight."""
+    ref_state, ref_m = _run_steps({"data": 1}, "dp", n=1, devices=jax.devices()[:1])
+    state, m = _run_steps(mesh_shape, rules, grad_accum=grad_accum, n=1, devices=devices)
+    assert m[0]["loss"] == pytest.approx(ref_m[0]["loss"], rel=1e-6)
+    assert m[0]["grad_norm"] == pytest.approx(ref_m[0]["grad_norm"], rel=GRAD_RTOL)
+    _, ref_grads, _ = reference
+    _assert_within(state.params, ref_state.params, _adam_first_step_bound(ref_grads, float(ref_m[0]["grad_norm"])))
+
+    ref_state, ref_m = _run_steps({"data": 1}, "dp", n=2, devices=jax.devices()[:1], opt=LARGE_EPS)
+    state, m = _run_steps(mesh_shape, rules, grad_accum=grad_accum, n=2, devices=devices, opt=LARGE_EPS)
     for a, b in zip(m, ref_m):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    _assert_params_close(state.params, ref_state.params)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)
+    # With eps = 1 an update is ~lr * g: the gradients' tolerance moves it by < 1e-9; what remains is a few ulps
+    # of float32 rounding in the parameters themselves.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), state.params, ref_state.params)
     assert int(state.step) == 2 and int(state.skipped) == 0
 
 
-def _assert_params_close(params, ref):
-    """Adam divides by sqrt(v): an entry whose gradient is ~eps amplifies float round-off of the reduction
-    order up to a fraction of lr. So: almost every entry equal to 1e-6, none off by more than lr / 5."""
-    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref))])
-    assert np.mean(diffs <= 1e-6) > 0.999, np.mean(diffs <= 1e-6)
-    assert diffs.max() <= OPT.peak_lr / 5, diffs.max()
+def test_full_step_on_2x2x2_mesh_matches_single_device(single_device_reference):
+    _assert_steps_match(single_device_reference, {"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
 
 
-def test_gradient_accumulation_equals_full_batch():
-    ref_state, ref_m = _run_steps({"data": 8}, "dp", grad_accum=1)
-    state, m = _run_steps({"data": 8}, "dp", grad_accum=2)
-    for a, b in zip(m, ref_m):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        assert a["tokens"] == b["tokens"] == B * (L - 3)
-    _assert_params_close(state.params, ref_state.params)
+def test_gradient_accumulation_equals_full_batch(single_device_reference):
+    _assert_steps_match(single_device_reference, {"data": 8}, "dp", grad_accum=2)
+    _, m = _run_steps({"data": 8}, "dp", grad_accum=2, n=1)
+    assert m[0]["tokens"] == B * (L - 3)
 
 
 def test_metrics_report_learning_rate_and_norms():

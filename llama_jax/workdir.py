@@ -1,0 +1,188 @@
+"""The run directory: the one owner of its layout, and loading a workdir as a checkpoint.
+
+    <workdir>/config.json                        the experiment config (written when the run first starts,
+                                                 and again only when a changed config is accepted and a
+                                                 stage then runs)
+    <workdir>/tokenizer.model                    the run's tokenizer (Meta format)
+    <workdir>/metrics.jsonl                      one JSON object per logged step (`step`, `<stage>/train/loss`, ...)
+    <workdir>/data_cache/                        the embedded corpus and default tokenizer (unless data.cache_dir)
+    <workdir>/stages/<name>/model_config.json    the ModelConfig the stage's checkpoints hold
+    <workdir>/stages/<name>/checkpoints/<step>/  Orbax checkpoints (llama_jax.train.checkpoint)
+    <workdir>/stages/<name>/DONE.json            written when the stage finished: its final metrics
+    <workdir>/stages/<name>/batches.jsonl        CRC of every batch (config.debug.log_batches)
+
+`load(path)` reads a workdir as a checkpoint (for `generate` and `convert`): the newest checkpoint of the last
+stage that has one, falling back past checkpoints that do not restore (a warning names each and why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+METRICS = "metrics.jsonl"
+STAGES = "stages"
+DONE = "DONE.json"
+MODEL_CONFIG = "model_config.json"
+BATCHES = "batches.jsonl"
+
+# Config keys that define what the checkpoints hold and which data they saw. Changing one of them under an
+# existing workdir is refused unless explicitly allowed; the others (intervals, eval, samples, mesh, caches,
+# debug aids) may change between restarts.
+DEFINING_KEYS = ("seed", "model", "tokenizer", "data.sources", "data.shuffle", "stages", "init_from")
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG)
+
+
+def tokenizer_path(workdir: str) -> str:
+    return os.path.join(workdir, TOKENIZER)
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, METRICS)
+
+
+def data_cache_dir(workdir: str, configured: str = "") -> str:
+    return configured or os.path.join(workdir, "data_cache")
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, STAGES, stage)
+
+
+def checkpoints_dir(workdir: str, stage: str) -> str:
+    return os.path.join(stage_dir(workdir, stage), "checkpoints")
+
+
+def done_path(workdir: str, stage: str) -> str:
+    return os.path.join(stage_dir(workdir, stage), DONE)
+
+
+def batches_path(workdir: str, stage: str) -> str:
+    return os.path.join(stage_dir(workdir, stage), BATCHES)
+
+
+def model_config_path(workdir: str, stage: str) -> str:
+    return os.path.join(stage_dir(workdir, stage), MODEL_CONFIG)
+
+
+def is_workdir(path: str) -> bool:
+    """A training workdir: the run's config.json plus stages/<name>/."""
+    return os.path.isfile(config_path(path)) and os.path.isdir(os.path.join(path, STAGES))
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_config(workdir: str):
+    import ml_collections  # noqa: PLC0415
+    with open(config_path(workdir)) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def write_config(workdir: str, config) -> None:
+    tmp = config_path(workdir) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    os.replace(tmp, config_path(workdir))
+
+
+def read_done(workdir: str, stage: str) -> dict | None:
+    path = done_path(workdir, stage)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, (list, tuple)):
+        out = {f"{prefix}": len(value)} if not value or isinstance(value[0], dict) else {prefix: list(value)}
+        if value and isinstance(value[0], dict):
+            for i, v in enumerate(value):
+                out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def config_differences(stored, new) -> list[str]:
+    """`key: old -> new` for every defining key (DEFINING_KEYS) that differs between two experiment configs."""
+    old_flat = _flatten(json.loads(stored.to_json_best_effort()))
+    new_flat = _flatten(json.loads(new.to_json_best_effort()))
+    out = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if not any(key == d or key.startswith(d + ".") or key.startswith(d + "[") for d in DEFINING_KEYS):
+            continue
+        a, b = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def write_model_config(workdir: str, stage: str, cfg) -> None:
+    import dataclasses  # noqa: PLC0415
+    write_json_atomic(model_config_path(workdir, stage), dataclasses.asdict(cfg))
+
+
+def stage_model_config(workdir: str, stage: str, config=None):
+    """The ModelConfig of a stage's checkpoints: its model_config.json, else resolved from config.json."""
+    path = model_config_path(workdir, stage)
+    if os.path.isfile(path):
+        from llama_jax.interop import native  # noqa: PLC0415
+        with open(path) as f:
+            return native.config_from_dict(json.load(f))
+    from llama_jax import experiment  # noqa: PLC0415
+    config = config if config is not None else read_config(workdir)
+    (st,) = [s for s in config.stages if s["name"] == stage]
+    return experiment.resolve_model(config, st)
+
+
+def load(path: str, stage: str | None = None, dtype: str = "float32"):
+    """(ModelConfig, params) of a training workdir: the newest readable checkpoint of `stage`, by default the
+    last stage of the experiment that has a checkpoint; params replicated on the default device."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from absl import logging  # noqa: PLC0415
+
+    from llama_jax.model import transformer  # noqa: PLC0415
+    from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+
+    path = os.path.abspath(path)
+    config = read_config(path)
+    names = [s["name"] for s in config.stages if ckpt_lib.list_steps(checkpoints_dir(path, s["name"]))]
+    if stage is not None:
+        names = [n for n in names if n == stage]
+    if not names:
+        raise FileNotFoundError(f"no stage checkpoints{' for stage ' + repr(stage) if stage else ''} in workdir "
+                                f"{path!r}")
+    name = names[-1]
+    cfg = stage_model_config(path, name, config).replace(remat="none")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            transformer.param_shapes(cfg))
+    directory = checkpoints_dir(path, name)
+    failures = []
+    for step in reversed(ckpt_lib.list_steps(directory)):
+        try:
+            params, _ = ckpt_lib.load_params(directory, abstract, step=step)
+        except Exception as e:  # noqa: BLE001 - any read failure: try the previous checkpoint
+            failures.append(f"step {step}: {type(e).__name__}: {ckpt_lib.first_line(e)}")
+            logging.warning("workdir %s: checkpoint %s/%d does not restore (%s); trying the previous one", path,
+                            directory, step, failures[-1])
+            continue
+        return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    raise ValueError(f"workdir {path!r}: no checkpoint of stage {name!r} restores: " + "; ".join(failures))
