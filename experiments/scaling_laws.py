@@ -15,15 +15,16 @@ Variants (`--config=experiments/scaling_laws.py:VARIANT[,key=value,...]`):
 * `cpu` — budgets 2e12, 6e12, 2e13 FLOPs, 5 shapes each (widths 32-192, 1-6 layers, head_dim 16, vocab 4096:
   the embedded tokenizer) on the embedded corpus at 128 tokens per sequence, batch 8-16; 50 warm-up steps, cosine
   to 0.1x, wd 0.1 x LR. Hardware: a 2-core CPU, about an hour (15 runs). `budgets=2e12/6e12` runs a subset.
-  Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from held-out passages.
+  Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from held-out passages
+  (48-token passage, 4-token choices).
 * `paper` — the paper's grid: budgets 6e18 ... 1e22 FLOPs, models ~40M to ~16B (Llama 3 block, head_dim 128,
   GQA with 8 KV heads, vocab 128,256), 8,192-token sequences, batch 262K -> 4.2M tokens by budget, 2,000 warm-up
   steps, cosine decay to 0.1x peak, weight decay 0.1 x LR, peak LR 4e-4 -> 2e-4 by size. Hardware: a GPU/TPU
   cluster (bf16, FSDP); point `data.sources` at your corpus and `tokenizer` at Meta's tokenizer.model.
 * `toy` — the `cpu` code path at test size (a few steps per run), for CI.
 
-Knobs: `run=NAME` (just that run, as a one-stage experiment), `budgets=A/B/...` (a subset or other budgets),
-`max_runs=` (shapes per budget).
+Knobs: `run=NAME` (just that run), `budgets=A/B/...` (a subset or other budgets), `max_runs=` (shapes per
+budget), `min_ratio=` / `max_ratio=` (the tokens-per-parameter window of a budget's shapes), `warmup=`.
 """
 
 import dataclasses
@@ -61,12 +62,15 @@ def _spec(variant: str) -> tuple[isoflop.SweepSpec, dict]:
 
 
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="cpu", run="", budgets="", max_runs=0)
+    a = E.parse_arg(arg, variant="cpu", run="", budgets="", max_runs=0, min_ratio=0.0, max_ratio=0.0, warmup=-1)
     spec, extra = _spec(a.variant)
     if a.budgets:
         spec = dataclasses.replace(spec, budgets=tuple(float(b) for b in a.budgets.split("/")))
-    if a.max_runs:
-        spec = dataclasses.replace(spec, max_runs=a.max_runs)
+    for knob in ("max_runs", "min_ratio", "max_ratio"):
+        if a[knob]:
+            spec = dataclasses.replace(spec, **{knob: a[knob]})
+    if a.warmup >= 0:
+        spec = dataclasses.replace(spec, warmup_steps=a.warmup)
     runs = isoflop.plan(spec)
     c = E.base_config()
     c.data.sources = [
@@ -92,7 +96,7 @@ def get_config(arg: str | None = None):
     else:
         c.checkpoint.update(every_steps=500, keep=1)
         c.eval.update(every_steps=0, batches=32, global_batch=16)
-        mc = dict(n_items=256, context_tokens=48, choice_tokens=16, seed=0)
+        mc = dict(n_items=256, context_tokens=48, choice_tokens=4, seed=0)
     if a.run:
         names = [r.name for r in runs]
         if a.run not in names:

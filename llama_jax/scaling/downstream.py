@@ -1,9 +1,11 @@
 """A multiple-choice set built from held-out text, and the scores the two-step downstream forecast needs.
 
-The set (no download): from the experiment's held-out documents (each source's `eval_split`), in a seeded order,
-each document long enough gives one item: a passage of `context_tokens` tokens at a seeded offset, and four
-choices of `choice_tokens` tokens each: the passage's real continuation and the continuations of three other
-items' passages (so every choice is real text of the same length in tokens). The answer's position is seeded.
+The set (no download): the experiment's held-out documents (each source's `eval_split`; the first 20,000
+characters of each) are cut into non-overlapping windows of `context_tokens + choice_tokens` tokens; `n_items`
+windows drawn at random (seeded) give the items: the window's first `context_tokens` tokens are the passage,
+and the four choices of `choice_tokens` tokens are its real continuation and the continuations of three other
+windows of the same document (real text of the same length in tokens, in the same style and vocabulary, so
+that what separates them is whether they follow the passage). The answer's position is seeded.
 
 Scores of a model (Llama 3 §3.2.1, "normalized NLL per character"): for each choice, the negative
 log-likelihood of its tokens given `[BOS] + passage`, in nats, divided by the choice's length in characters.
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 CHOICES = 4
-_MAX_CHARS = 8000  # each document's prefix that is tokenized (items need only a few hundred tokens)
+_MAX_CHARS = 20_000  # each document's prefix that is tokenized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,26 +39,26 @@ def build_items(texts: Sequence[str], tokenizer, n_items: int, context_tokens: i
         raise ValueError(f"a multiple-choice set needs at least {CHOICES} items, got n_items={n_items}")
     rng = np.random.default_rng(seed)
     need = context_tokens + choice_tokens
-    spans = []
-    for i in rng.permutation(len(texts)):
-        ids = tokenizer.encode(texts[i][:_MAX_CHARS], disallowed_special=())
-        if len(ids) < need:
-            continue
-        start = int(rng.integers(0, len(ids) - need + 1))
-        spans.append((tuple(ids[start:start + context_tokens]), tuple(ids[start + context_tokens:start + need])))
-        if len(spans) == n_items:
-            break
-    if len(spans) < n_items:
-        raise ValueError(f"held-out data has only {len(spans)} documents of >= {need} tokens; the multiple-choice "
-                         f"set needs {n_items}")
+    docs = []  # per document with >= CHOICES windows: its non-overlapping windows of `need` tokens
+    for text in texts:
+        ids = tokenizer.encode(text[:_MAX_CHARS], disallowed_special=())
+        if len(ids) >= CHOICES * need:
+            phase = int(rng.integers(0, len(ids) % need + 1))
+            docs.append([tuple(ids[s:s + need]) for s in range(phase, len(ids) - need + 1, need)])
+    pool = [(d, w) for d, windows in enumerate(docs) for w in range(len(windows))]
+    if len(pool) < n_items:
+        raise ValueError(f"held-out data has only {len(pool)} passages of {need} tokens in documents of >= "
+                         f"{CHOICES * need} tokens; the multiple-choice set needs {n_items}")
     items = []
-    for i, (context, real) in enumerate(spans):
-        others = [j for j in rng.permutation(n_items) if j != i][:CHOICES - 1]
+    for k in rng.permutation(len(pool))[:n_items]:
+        d, w = pool[k]
+        windows = docs[d]
+        others = [j for j in rng.permutation(len(windows)) if j != w][:CHOICES - 1]
         answer = int(rng.integers(0, CHOICES))
-        choices = [spans[j][1] for j in others]
-        choices.insert(answer, real)
-        items.append(Item(context, tuple(choices), answer, tuple(len(tokenizer.decode(list(c))) or 1
-                                                                  for c in choices)))
+        choices = [windows[j][context_tokens:] for j in others]
+        choices.insert(answer, windows[w][context_tokens:])
+        items.append(Item(windows[w][:context_tokens], tuple(choices), answer,
+                          tuple(len(tokenizer.decode(list(c))) or 1 for c in choices)))
     return items
 
 

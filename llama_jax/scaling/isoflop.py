@@ -123,7 +123,7 @@ def lr_for_params(spec: SweepSpec, params: float, n_range: tuple[float, float]) 
     lo, hi = n_range
     t = 0.0 if hi <= lo else min(max(math.log(params / lo) / math.log(hi / lo), 0.0), 1.0)
     a, b = spec.lr_range
-    return float(math.exp(math.log(a) + t * (math.log(b) - math.log(a))))
+    return float(f"{math.exp(math.log(a) + t * (math.log(b) - math.log(a))):.4g}")
 
 
 def plan(spec: SweepSpec) -> list[RunPlan]:

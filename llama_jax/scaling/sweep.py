@@ -7,7 +7,8 @@ entry (`llama_jax.train.loop.run_experiment`) on a one-stage copy of the experim
 `python -m llama_jax.main --config=experiments/scaling_laws.py:VARIANT,run=NAME` runs.
 
 * Resumable: a run the driver finished (its DONE.json) and recorded is skipped; an interrupted run resumes
-  from its checkpoints; a restarted sweep retries runs that failed before.
+  from its checkpoints; a restarted sweep retries runs that failed before, and re-scores finished runs whose
+  multiple-choice settings (`sweep.mc`) changed.
 * A failed run (an exception, or a non-finite held-out loss) is reported and recorded with `status: "failed"`
   and its error; the sweep goes on, and the fit leaves it out.
 * One progress line per run (start and end) on stderr, with the sweep's elapsed time and its ETA by FLOPs.
@@ -149,7 +150,9 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
         head = f"[isoflop {i}/{len(names)}] {name}"
         done_file = os.path.join(run_dir, "stages", name, "DONE.json")
         old = records.get(name)
-        if old is not None and old.get("status") == "ok" and os.path.exists(done_file):
+        mc_settings = c.sweep.mc.to_dict()
+        if (old is not None and old.get("status") == "ok" and old.get("mc") == mc_settings
+                and os.path.exists(done_file)):
             flops_done += plan["flops_spent"]
             print(f"{head}: finished before (loss {old['loss']:.4f}); skipped", file=stream, flush=True)
             continue
@@ -157,7 +160,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
               f"({plan['steps']} steps x {plan['global_batch']} x {plan['seq_len']}), lr {plan['peak_lr']:.2e}",
               file=stream, flush=True)
         t0 = time.perf_counter()
-        rec = dict(plan)
+        rec = dict(plan, mc=mc_settings)
         try:
             final = train(run_config(c, name), run_dir)[name]
             loss = float(final.get("eval_loss", math.nan))
