@@ -45,11 +45,11 @@ def _spec(variant: str) -> tuple[isoflop.SweepSpec, dict]:
                                  min_ratio=2.0, max_ratio=400.0, max_runs=5)
         return spec, dict(forecast_flops=1e15, tokenizer_ranks=768)
     if variant == "toy":
-        rule = isoflop.ShapeRule(base="tiny", head_dim=16, aspect=32, max_kv_heads=2, multiple_of=16)
-        spec = isoflop.SweepSpec(budgets=(2e9, 4e9), widths=(16, 32, 48, 64), rule=rule, seq_len=32,
+        rule = isoflop.ShapeRule(base="tiny", head_dim=16, aspect=32, max_kv_heads=2, multiple_of=16, vocab_size=512)
+        spec = isoflop.SweepSpec(budgets=(3e8, 6e8), widths=(16, 32, 48, 64), rule=rule, seq_len=32,
                                  batch_range=(8, 8), lr_range=(3e-3, 1.5e-3), warmup_steps=2, min_ratio=0.001,
                                  max_ratio=1000.0, min_steps=2, max_runs=3)
-        return spec, dict(forecast_flops=1e13, tokenizer_ranks=0)
+        return spec, dict(forecast_flops=1e13, tokenizer_ranks=256)
     if variant == "paper":
         rule = isoflop.ShapeRule(base="llama3-8b", head_dim=128, aspect=128, max_kv_heads=8, multiple_of=256)
         widths = (256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304, 2560, 3072, 3584, 4096, 4608,

@@ -30,7 +30,10 @@ def _read(workdir: str) -> tuple[list[dict], dict]:
     with open(path) as f:
         runs = [json.loads(line) for line in f if line.strip()]
     sweep_path = os.path.join(workdir, "sweep.json")
-    sweep = json.load(open(sweep_path)) if os.path.exists(sweep_path) else {}
+    sweep = {}
+    if os.path.exists(sweep_path):
+        with open(sweep_path) as f:
+            sweep = json.load(f)
     return runs, sweep
 
 

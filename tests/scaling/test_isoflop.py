@@ -37,7 +37,7 @@ def test_planner_spends_each_budget_and_every_run_is_a_pretrain_stage(variant):
         spent = r["tokens"] * cfg.flops_per_token(seq_len)
         assert spent == pytest.approx(r["flops_spent"], rel=1e-12)
         assert spent == pytest.approx(6 * r["params"] * r["tokens"], rel=1e-12)
-        assert abs(spent / r["flops"] - 1) < (0.05 if variant != "toy" else 0.1)
+        assert abs(spent / r["flops"] - 1) < (0.05 if variant != "toy" else 0.2)  # toy: 3-step runs
         assert cfg.param_count() == r["param_count"]
         assert cfg.n_layers == max(1, math.floor(cfg.dim / (128 if variant == "paper" else 32) + 0.5))
         assert cfg.n_kv_heads == math.gcd(cfg.n_heads, 8 if variant == "paper" else 2)
