@@ -160,6 +160,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
               f"({plan['steps']} steps x {plan['global_batch']} x {plan['seq_len']}), lr {plan['peak_lr']:.2e}",
               file=stream, flush=True)
         t0 = time.perf_counter()
+        trained_before = os.path.exists(done_file)  # only re-scored: not counted in the training rate
         rec = dict(plan, mc=mc_settings)
         try:
             final = train(run_config(c, name), run_dir)[name]
@@ -177,7 +178,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
         records[name] = rec
         if lead:
             write_runs(workdir, [records[n] for n in names if n in records])
-        flops_run += plan["flops_spent"]
+        flops_run += 0.0 if trained_before else plan["flops_spent"]
         flops_done += plan["flops_spent"]
         elapsed = time.perf_counter() - t_start
         eta = (total_flops - flops_done) * elapsed / flops_run if flops_run else math.nan
