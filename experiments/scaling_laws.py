@@ -8,19 +8,21 @@ stopping, prints a progress line per run and records {flops, params, tokens, los
 
     python -m llama_jax.main --config=experiments/scaling_laws.py:cpu --workdir=/tmp/isoflop
     python -m llama_jax.scaling fit --workdir=/tmp/isoflop          # plots/*.png, fit.json, fit.txt
-    python -m llama_jax.main --config=experiments/scaling_laws.py:cpu,run=c1e13_d64 --workdir=/tmp/one  # one run
+    python -m llama_jax.main --config=experiments/scaling_laws.py:cpu,run=c1e13_d64 --workdir=/tmp/one
 
 Variants (`--config=experiments/scaling_laws.py:VARIANT[,key=value,...]`):
 
-* `cpu` — budgets 2e12, 6e12, 2e13 FLOPs, 5 shapes each (widths 32-192, 1-6 layers, head_dim 16, vocab 4096:
-  the embedded tokenizer) on the embedded corpus at 128 tokens per sequence, batch 8-16; 50 warm-up steps, cosine
-  to 0.1x, wd 0.1 x LR. Hardware: a 2-core CPU, about an hour (15 runs). `budgets=2e12/6e12` runs a subset.
-  Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from held-out passages
-  (48-token passage, 4-token choices).
-* `paper` — the paper's grid: budgets 6e18 ... 1e22 FLOPs, models ~40M to ~16B (Llama 3 block, head_dim 128,
-  GQA with 8 KV heads, vocab 128,256), 8,192-token sequences, batch 262K -> 4.2M tokens by budget, 2,000 warm-up
-  steps, cosine decay to 0.1x peak, weight decay 0.1 x LR, peak LR 4e-4 -> 2e-4 by size. Hardware: a GPU/TPU
-  cluster (bf16, FSDP); point `data.sources` at your corpus and `tokenizer` at Meta's tokenizer.model.
+* `cpu` — budgets 1e12, 3e12, 1e13 FLOPs, 4-5 shapes each (14 runs; widths 16-112, 1-4 layers, head_dim 16,
+  37K-775K parameters) with a 1,024-id embedded BPE tokenizer (so the output layer does not dominate N) on the
+  embedded corpus, 128-token sequences, batch 16 -> 32 sequences by budget, 50 warm-up steps, cosine to 0.1x,
+  wd 0.1 x LR, peak LR 2e-3 -> 1e-3 by size; 69M tokens in all. Hardware: a 2-core CPU, sized for about an
+  hour idle. Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from
+  held-out passages (48-token passage, 4-token choices). A reduced sweep: `cpu,budgets=3e11/1e12,...`.
+* `paper` — the paper's grid: budgets 6e18 ... 1e22 FLOPs, 69 runs of 103M-20B parameters (Llama 3 block,
+  head_dim 128, GQA with 8 KV heads, vocab 128,256), 8,192-token sequences, batch 262K -> 4.2M tokens by
+  budget, 2,000 warm-up steps, cosine decay to 0.1x peak, weight decay 0.1 x LR, peak LR 4e-4 -> 2e-4 by size.
+  Hardware: a GPU/TPU cluster (bf16, FSDP); point `data.sources` at your corpus and `tokenizer` at Meta's
+  tokenizer.model.
 * `toy` — the `cpu` code path at test size (a few steps per run), for CI.
 
 Knobs: `run=NAME` (just that run), `budgets=A/B/...` (a subset or other budgets), `max_runs=` (shapes per

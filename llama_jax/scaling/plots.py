@@ -26,7 +26,8 @@ def isoflop_curves(path: str, groups: Mapping[float, Sequence[Mapping[str, Any]]
         ax.scatter(t, [r["loss"] for r in runs], color=color, s=18, label=f"{flops:.0e} FLOPs")
         if flops in parabolas:
             a, b, c = parabolas[flops]
-            u = np.linspace(np.log(t.min()) - 0.3, np.log(t.max()) + 0.3, 100)
+            at = [m["tokens"] for m in minima if m["flops"] == flops]  # reach an extrapolated minimum too
+            u = np.linspace(np.log(min([t.min(), *at])) - 0.3, np.log(max([t.max(), *at])) + 0.3, 100)
             ax.plot(np.exp(u), a * u ** 2 + b * u + c, color=color, lw=1)
     if minima:
         ax.scatter([m["tokens"] for m in minima], [m["loss"] for m in minima], marker="*", s=120, color="red",

@@ -72,7 +72,8 @@ def test_multiple_choice_items_are_real_continuations(tmp_path):
         real = tok.decode(list(it.context) + list(it.choices[it.answer]))
         (doc,) = [t for t in texts if real in t]  # context + answer: a contiguous span of one document
         assert all(tok.decode(list(ch)) in doc for ch in it.choices)  # distractors: the same document's text
-    with pytest.raises(ValueError, match="only .* passages of 18 tokens in documents of >= 72 tokens; the multiple-choice set needs 9999"):
+    with pytest.raises(ValueError, match="only .* passages of 18 tokens in documents of >= 72 tokens; the "
+                                         "multiple-choice set needs 9999"):
         downstream.build_items(texts, tok, 9999, 12, 6)
 
 
