@@ -102,7 +102,8 @@ def _write(workdir: str, report: dict, groups, minima, target: float) -> None:
     plots.isoflop_curves(os.path.join(pdir, "isoflop.png"), groups, parabolas, minima)
     if "tokens" in report:
         plots.power_laws(os.path.join(pdir, "power_laws.png"), minima,
-                         {k: (report[k]["A"], report[k]["alpha"]) for k in ("tokens", "params")}, target)
+                         {k: (report[k]["A"], report[k]["alpha"]) for k in ("tokens", "params")}, target,
+                         reference=PAPER)
     d = report["downstream"]
     scored = [r for g in groups.values() for r in g if "mc_nll" in r and "mc_acc" in r]
     if scored:
