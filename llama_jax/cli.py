@@ -39,14 +39,20 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def run(main: Callable[[], None]) -> None:
-    """Parses flags, then runs `main()`; a USER_ERRORS exception becomes `llama_jax: error: ...` and exit 2."""
+def run(main: Callable[..., None], commands: tuple[str, ...] = ()) -> None:
+    """Parses flags, then runs `main()`; a USER_ERRORS exception becomes `llama_jax: error: ...` and exit 2.
+
+    With `commands`, exactly one positional argument, one of them, is expected and passed: `main(command)`.
+    """
     def wrapped(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        args = argv[1:]
+        if commands and (len(args) != 1 or args[0] not in commands):
+            raise app.UsageError(f"expected one command of {', '.join(commands)}; got {' '.join(args) or 'none'}")
+        if args and not commands:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
         logging.get_absl_handler().addFilter(_QuietLibraries())
         try:
-            main()
+            main(*args)
         except USER_ERRORS as e:
             if _TRACEBACK.value:
                 raise
