@@ -1,0 +1,99 @@
+"""Curation config: which stages run and each stage's thresholds (an ``ml_collections.ConfigDict``).
+
+This file is also the default ``--config`` of ``python -m llama_jax.curate``; override single values with
+``--config.near_dedup.threshold=0.7`` or pass another file with a ``get_config()``. Stage order is fixed
+(:data:`STAGES`); ``stages`` selects a subset. Defaults follow the Llama 3 paper (§3.1.1) where it gives numbers
+(line dedup: more than 6 repeats per bucket of 30M documents) and Gopher / RefinedWeb heuristics elsewhere; the
+remaining thresholds are set so that the embedded corpus (Python standard-library code and docstrings) passes
+almost whole while crafted junk does not (see benchmarks/README.md for the per-stage numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+
+STAGES = ("extract", "language", "url_dedup", "exact_dedup", "near_dedup", "line_dedup", "heuristics",
+          "quality", "pii")
+"""Every stage, in the order the pipeline runs them."""
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.stages = ",".join(STAGES)
+    c.num_shards = 4  # output shards part-0000i-of-0000n.array_record
+    c.tokenizer = ""  # a tokenizer.model (Meta format) for exact token counts; "" counts Llama 3 pre-tokens
+    c.examples_per_reason = 3  # removed documents quoted per stage and reason in stats.json / stats.png
+    c.example_chars = 160
+
+    c.extract = ml_collections.ConfigDict(dict(
+        include_tables=True,  # tables are kept as text
+        include_comments=False,  # reader comments are boilerplate
+        min_chars=1,  # an extraction shorter than this removes the document ("no_main_text")
+    ))
+    c.language = ml_collections.ConfigDict(dict(
+        keep="en",  # comma-separated ISO 639-1 codes to keep; "" keeps every language
+        threshold=0.5,  # minimum probability of the detected language
+        max_chars=4000,  # characters of the document the detector reads
+    ))
+    c.url_dedup = ml_collections.ConfigDict(dict(
+        strip_query=False,  # drop the whole query string (otherwise only tracking parameters are dropped)
+    ))
+    c.exact_dedup = ml_collections.ConfigDict(dict(
+        normalize_whitespace=True,  # hash the text with runs of whitespace collapsed and ends stripped
+    ))
+    c.near_dedup = ml_collections.ConfigDict(dict(
+        shingle_size=5,  # words per shingle
+        num_perm=128,  # MinHash permutations (= bands * rows)
+        bands=16,
+        rows=8,
+        threshold=0.8,  # estimated Jaccard similarity at or above which two candidates are duplicates
+        seed=1,
+    ))
+    c.line_dedup = ml_collections.ConfigDict(dict(
+        max_repeats=6,  # a line in more than this many documents of one bucket is removed everywhere
+        bucket_docs=30_000_000,  # documents per bucket (the paper: 30M)
+        min_line_chars=1,  # shorter (stripped) lines are never counted or removed
+    ))
+    c.heuristics = ml_collections.ConfigDict(dict(
+        min_words=5,
+        max_words=200_000,
+        min_mean_word_length=2.0,
+        max_mean_word_length=12.0,
+        max_symbol_word_ratio=0.25,  # ('#' + '...' + '…') per word
+        min_alpha_word_fraction=0.35,  # words with at least one letter
+        max_bullet_line_fraction=0.9,
+        max_ellipsis_line_fraction=0.3,
+        max_dirty_word_ratio=0.02,  # words of the shipped list (dirty_words.txt) per word
+        max_top_ngram_fraction=[0.2, 0.18, 0.16],  # characters in the most frequent 2-, 3-, 4-gram
+        max_dup_ngram_fraction=[0.3, 0.28, 0.26, 0.24, 0.22, 0.2],  # characters in repeated 5..10-grams
+        max_kl_divergence=4.0,  # KL(document || corpus) of word frequencies, in nats
+        kl_min_words=50,
+        kl_vocab=100_000,  # most frequent corpus words kept for the corpus distribution (the rest share a bucket)  # shorter documents are not judged by divergence (their estimate is too noisy)
+    ))
+    c.quality = ml_collections.ConfigDict(dict(
+        threshold=0.5,  # minimum classifier probability of "good" to keep a document
+        code_threshold=0.5,  # the same for documents routed to "code"
+        seed_documents=400,  # positive seeds (half code, half prose) from the standard library; as many negatives
+        n_features=2**18,  # hashed word 1-2-gram and character 3-5-gram features
+        seed=0,
+    ))
+    c.pii = ml_collections.ConfigDict(dict(
+        email="<EMAIL>",
+        phone="<PHONE>",
+        ip="<IP_ADDRESS>",
+    ))
+    return c
+
+
+def parse_stages(stages: str | Sequence[str]) -> tuple[str, ...]:
+    """Validated stage names in pipeline order (``"all"`` or ``""`` selects every stage)."""
+    names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    if not names or names == ["all"]:
+        return STAGES
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown curation stage(s) {unknown}; expected a subset of {', '.join(STAGES)}")
+    return tuple(s for s in STAGES if s in names)
