@@ -4,7 +4,7 @@ Scores of one document, all computed on its words (``\\w+`` runs, lower-cased) a
 
 * ``dup_ngram_<n>`` for n = 5..10: fraction of word characters covered by word n-grams that occur more than once
   (Gopher's duplicate n-gram character fraction; overlapping occurrences count once);
-  ``top_ngram_<n>`` for n = 2..4: characters of the most frequent n-gram times its count over all word characters.
+  ``top_ngram_<n>`` for n = 2..4: characters of the most frequent n-gram (the longest among ties) times its count over all word characters.
 * ``dirty_word_ratio``: words of the shipped list (``dirty_words.txt``) per word.
 * ``kl_divergence``: KL(p_doc || p_corpus) in nats, p_doc the document's word frequencies and p_corpus the corpus
   word frequencies (add-one smoothed over the corpus vocabulary plus an out-of-vocabulary bucket): high for a
@@ -45,10 +45,10 @@ def _top_ngram_fraction(ws: list[str], n: int, total_chars: int) -> float:
     if len(ws) < n or total_chars == 0:
         return 0.0
     counts = collections.Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
-    gram, count = counts.most_common(1)[0]
+    count, chars = max((c, sum(len(w) for w in g)) for g, c in counts.items())  # ties: the longest
     if count < 2:
         return 0.0
-    return min(1.0, count * sum(len(w) for w in gram) / total_chars)
+    return min(1.0, count * chars / total_chars)
 
 
 def _dup_ngram_fraction(ws: list[str], n: int, total_chars: int) -> float:
