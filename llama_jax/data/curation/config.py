@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.language = ml_collections.ConfigDict(dict(
         keep="en",  # comma-separated ISO 639-1 codes to keep; "" keeps every language
-        threshold=0.5,  # minimum probability of the detected language
+        threshold=0.3,  # minimum probability of the detected language (py3langid, normalized)
         max_chars=4000,  # characters of the document the detector reads
     ))
     c.url_dedup = ml_collections.ConfigDict(dict(
@@ -62,16 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_words=200_000,
         min_mean_word_length=2.0,
         max_mean_word_length=12.0,
-        max_symbol_word_ratio=0.25,  # ('#' + '...' + '…') per word
+        max_symbol_word_ratio=0.25,  # (hashtags '#word' + '...' + '…') per word; '# comment' is no hashtag
         min_alpha_word_fraction=0.35,  # words with at least one letter
         max_bullet_line_fraction=0.9,
         max_ellipsis_line_fraction=0.3,
         max_dirty_word_ratio=0.02,  # words of the shipped list (dirty_words.txt) per word
-        max_top_ngram_fraction=[0.2, 0.18, 0.16],  # characters in the most frequent 2-, 3-, 4-gram
-        max_dup_ngram_fraction=[0.3, 0.28, 0.26, 0.24, 0.22, 0.2],  # characters in repeated 5..10-grams
-        max_kl_divergence=4.0,  # KL(document || corpus) of word frequencies, in nats
-        kl_min_words=50,
-        kl_vocab=100_000,  # most frequent corpus words kept for the corpus distribution (the rest share a bucket)  # shorter documents are not judged by divergence (their estimate is too noisy)
+        ngram_min_words=50,  # shorter documents are not judged by the two n-gram rules below (too noisy)
+        max_top_ngram_fraction=[0.3, 0.28, 0.26],  # characters in the most frequent 2-, 3-, 4-gram
+        max_dup_ngram_fraction=[0.75, 0.7, 0.65, 0.6, 0.58, 0.56],  # characters in repeated 5..10-grams
+        max_kl_divergence=7.0,  # KL(document || corpus) of word frequencies, in nats
+        kl_min_words=200,  # shorter documents are not judged by divergence (KL falls with length; too noisy)
+        kl_vocab=100_000,  # most frequent corpus words kept for the corpus distribution (the rest share a bucket)
     ))
     c.quality = ml_collections.ConfigDict(dict(
         threshold=0.5,  # minimum classifier probability of "good" to keep a document

@@ -9,7 +9,7 @@ Scores of one document, all computed on its words (``\\w+`` runs, lower-cased) a
 * ``kl_divergence``: KL(p_doc || p_corpus) in nats, p_doc the document's word frequencies and p_corpus the corpus
   word frequencies (add-one smoothed over the corpus vocabulary plus an out-of-vocabulary bucket): high for a
   document made of tokens the corpus rarely uses (outlier tokens, foreign scripts, encoded blobs).
-* ``words``, ``mean_word_length``, ``symbol_word_ratio`` (``#`` and ellipses per word), ``alpha_word_fraction``
+* ``words``, ``mean_word_length``, ``symbol_word_ratio`` (hashtags and ellipses per word, :func:`symbol_count`), ``alpha_word_fraction``
   (words containing a letter, over whitespace-separated words), ``bullet_line_fraction`` and
   ``ellipsis_line_fraction`` (of non-blank lines).
 """
@@ -24,6 +24,8 @@ import re
 from collections.abc import Mapping
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
+_HASHTAG_RE = re.compile(r"(?<!\S)#\w", re.UNICODE)  # '#' opening a whitespace-separated word: #tag, not '# comment'
+_ELLIPSIS_RE = re.compile(r"\.\.\.|…")
 _BULLETS = ("•", "●", "○", "▪", "‣", "◦", "- ", "* ", "· ", "→")
 TOP_NGRAMS = (2, 3, 4)
 DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
@@ -39,6 +41,14 @@ def dirty_words() -> frozenset[str]:
 
 def words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
+
+
+def symbol_count(text: str) -> int:
+    """Hashtags (``#`` opening a word, as in ``#tag``) plus ellipses (``...`` or ``…``) in ``text``.
+
+    Gopher counts every ``#``; a ``#`` followed by a space or another ``#`` (code comments, banner lines,
+    Markdown headings) is no hashtag, so code and Markdown are not penalized for it."""
+    return len(_HASHTAG_RE.findall(text)) + len(_ELLIPSIS_RE.findall(text))
 
 
 def _top_ngram_fraction(ws: list[str], n: int, total_chars: int) -> float:
@@ -87,7 +97,7 @@ def scores(text: str, corpus_counts: Mapping[str, int] | None = None, corpus_tot
     out: dict[str, float] = {
         "words": float(len(ws)),
         "mean_word_length": total_chars / len(ws) if ws else 0.0,
-        "symbol_word_ratio": (text.count("#") + text.count("...") + text.count("…")) / max(len(raw_words), 1),
+        "symbol_word_ratio": symbol_count(text) / max(len(raw_words), 1),
         "alpha_word_fraction": (sum(any(ch.isalpha() for ch in w) for w in raw_words) / len(raw_words)
                                 if raw_words else 0.0),
         "bullet_line_fraction": sum(ln.startswith(_BULLETS) for ln in lines) / len(lines) if lines else 0.0,
@@ -121,12 +131,13 @@ def verdict(s: Mapping[str, float], cfg) -> str | None:
         return "ellipsis_lines"
     if s["dirty_word_ratio"] > cfg.max_dirty_word_ratio:
         return "dirty_words"
-    for n, limit in zip(TOP_NGRAMS, cfg.max_top_ngram_fraction):
-        if s[f"top_ngram_{n}"] > limit:
-            return f"top_ngram_{n}"
-    for n, limit in zip(DUP_NGRAMS, cfg.max_dup_ngram_fraction):
-        if s[f"dup_ngram_{n}"] > limit:
-            return f"dup_ngram_{n}"
+    if s["words"] >= cfg.ngram_min_words:
+        for n, limit in zip(TOP_NGRAMS, cfg.max_top_ngram_fraction):
+            if s[f"top_ngram_{n}"] > limit:
+                return f"top_ngram_{n}"
+        for n, limit in zip(DUP_NGRAMS, cfg.max_dup_ngram_fraction):
+            if s[f"dup_ngram_{n}"] > limit:
+                return f"dup_ngram_{n}"
     if "kl_divergence" in s and s["words"] >= cfg.kl_min_words and s["kl_divergence"] > cfg.max_kl_divergence:
         return "kl_divergence"
     return None
