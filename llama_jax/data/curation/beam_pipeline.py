@@ -157,6 +157,7 @@ class Extract(beam.DoFn):
         if "html" not in record:
             yield record
             return
+        record = dict(record)  # Beam elements are immutable: every stage that changes a record copies it
         html = record.pop("html")
         text = extract.extract(html, self.cfg.include_tables, self.cfg.include_comments)
         if len(text.strip()) < max(self.cfg.min_chars, 1):
@@ -175,6 +176,7 @@ class Language(beam.DoFn):
 
     def process(self, record):
         lang, prob = language.identify(record["text"], self.max_chars)
+        record = dict(record)
         record["language"], record["language_score"] = lang, round(prob, 4)
         if self.keep and lang not in self.keep:
             yield _removed("language", "other_language", record, self.chars)
@@ -191,7 +193,7 @@ class Heuristics(beam.DoFn):
     def process(self, record, vocab):
         counts, total = vocab
         s = heuristics.scores(record["text"], counts, total)
-        record["heuristics"] = {k: round(v, 4) for k, v in s.items()}
+        record = dict(record, heuristics={k: round(v, 4) for k, v in s.items()})
         reason = heuristics.verdict(s, self.cfg)
         if reason:
             yield _removed("heuristics", reason, record, self.chars)
@@ -205,7 +207,7 @@ class Quality(beam.DoFn):
 
     def process(self, batch: Sequence[dict]):
         for record, (p_good, domain) in zip(batch, self.model.score([r["text"] for r in batch])):
-            record["quality"], record["domain"] = round(p_good, 4), domain
+            record = dict(record, quality=round(p_good, 4), domain=domain)
             threshold = self.cfg.code_threshold if domain == "code" else self.cfg.threshold
             if p_good < threshold:
                 yield _removed("quality", f"low_quality_{domain}", record, self.chars)
@@ -215,6 +217,7 @@ class Quality(beam.DoFn):
 
 def _mask_pii(record: dict, cfg, counter: TokenCounter) -> dict:
     text, counts = pii.mask(record["text"], cfg.email, cfg.phone, cfg.ip)
+    record = dict(record)
     if text != record["text"]:
         record["text"], record["ntok"] = text, counter(text)
     record["pii"] = counts
@@ -371,8 +374,7 @@ def _remove_lines(joined, stage: str, min_chars: int, counter: TokenCounter, cha
     bad = set(groups["lines"])
     for record in groups["docs"]:
         if not bad:
-            record["lines_removed"] = 0
-            yield record
+            yield dict(record, lines_removed=0)
             continue
         kept, removed = [], 0
         for line in record["text"].splitlines():
@@ -383,8 +385,8 @@ def _remove_lines(joined, stage: str, min_chars: int, counter: TokenCounter, cha
         if not "".join(kept).strip():
             yield _removed(stage, "all_lines_duplicated", record, chars)
             continue
-        record = dict(record, text="\n".join(kept), lines_removed=removed)
-        record["ntok"] = counter(record["text"])
+        text = "\n".join(kept)
+        record = dict(record, text=text, lines_removed=removed, ntok=counter(text))
         yield record
 
 

@@ -55,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.line_dedup = ml_collections.ConfigDict(dict(
         max_repeats=6,  # a line in more than this many documents of one bucket is removed everywhere
         bucket_docs=30_000_000,  # documents per bucket (the paper: 30M)
-        min_line_chars=1,  # shorter (stripped) lines are never counted or removed
+        min_line_chars=40,  # shorter (stripped) lines are never counted or removed: code lines
+        # like 'else:', 'import os', 'with self.assertRaises(TypeError):' repeat in any code corpus
     ))
     c.heuristics = ml_collections.ConfigDict(dict(
         min_words=5,
