@@ -92,8 +92,20 @@ def test_heuristics_on_crafted_documents():
     assert heuristics.scores(text)["dup_ngram_5"] == pytest.approx(12 / 18)
     dirty = good + " fuck shit porn"
     assert heuristics.verdict(heuristics.scores(dirty), cfg) == "dirty_words"
-    symbols = "# " * 30 + good
-    assert heuristics.verdict(heuristics.scores(symbols), cfg) == "symbol_ratio"
+    # Hashtags and ellipses count as symbols; '#' comments, '##' banners and '#!' do not.
+    assert heuristics.symbol_count("#tag #two ok... and… # comment ## banner #!/bin/sh x#y") == 4
+    hashtags = " ".join(f"#tag{i}" for i in range(15)) + " " + good
+    assert heuristics.verdict(heuristics.scores(hashtags), cfg) == "symbol_ratio"  # 15 / 54 > 0.25
+    code = ("# Copyright and licence header\n#\n##########\ndef mean(values):\n    # empty input has no mean\n"
+            "    if not values:  # raise early\n        raise ValueError('mean of an empty sequence')\n"
+            "    # sum in one pass, then divide\n    return sum(values) / len(values)\n")
+    s = heuristics.scores(code)
+    assert s["symbol_word_ratio"] == 0.0 and heuristics.verdict(s, cfg) is None
+    # The n-gram repetition rules judge only documents of at least ngram_min_words words.
+    short = "Put terminal into raw mode. Put terminal into cbreak mode."
+    s = heuristics.scores(short)
+    assert s["top_ngram_2"] > cfg.max_top_ngram_fraction[0] and s["words"] < cfg.ngram_min_words
+    assert heuristics.verdict(s, cfg) is None
     # KL divergence by hand: corpus {a: 3, b: 1}, document "a b" -> p = (1/2, 1/2), q = ((3+1)/7, (1+1)/7).
     kl = heuristics.kl_divergence(["a", "b"], {"a": 3, "b": 1}, 4)
     assert kl == pytest.approx(0.5 * np.log(0.5 / (4 / 7)) + 0.5 * np.log(0.5 / (2 / 7)))
