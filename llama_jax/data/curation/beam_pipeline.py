@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -585,13 +586,21 @@ def run(input_pattern: str, output_dir: str, cfg=None, stages: str | Sequence[st
     _check_output(output_dir, overwrite)
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
         raise FileNotFoundError(f"curate: tokenizer file not found: {cfg.tokenizer}")
+    if "near_dedup" in stage_names:
+        NearDedup(cfg.near_dedup, cfg.example_chars)  # validates bands, rows and threshold before any work
     model = None
     if "quality" in stage_names:
         from llama_jax.data.curation import quality  # noqa: PLC0415
 
         model = quality.QualityModel.train(cfg.quality.seed_documents, cfg.quality.n_features, cfg.quality.seed)
     options = PipelineOptions(list(pipeline_args))
-    unknown = options.get_all_options(retain_unknown_options=True).keys() - options.get_all_options().keys()
+    options_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = options_log.level
+    options_log.setLevel(logging.ERROR)  # Beam warns "Discarding unparseable args"; the error below says it
+    try:
+        unknown = options.get_all_options(retain_unknown_options=True).keys() - options.get_all_options().keys()
+    finally:
+        options_log.setLevel(level)
     if unknown:
         raise ValueError(f"curate: unknown pipeline option(s) {sorted(unknown)}")
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
