@@ -3,9 +3,20 @@
 This file is also the default ``--config`` of ``python -m llama_jax.curate``; override single values with
 ``--config.near_dedup.threshold=0.7`` or pass another file with a ``get_config()``. Stage order is fixed
 (:data:`STAGES`); ``stages`` selects a subset. Defaults follow the Llama 3 paper (§3.1.1) where it gives numbers
-(line dedup: more than 6 repeats per bucket of 30M documents) and Gopher / RefinedWeb heuristics elsewhere; the
-remaining thresholds are set so that the embedded corpus (Python standard-library code and docstrings) passes
-almost whole while crafted junk does not (see benchmarks/README.md for the per-stage numbers).
+(line dedup: more than 6 repeats per bucket of 30M documents) and Gopher / RefinedWeb heuristics elsewhere.
+
+Calibration (what was tuned, and on what): the embedded corpus (:mod:`llama_jax.data.corpus`, Python 3.11.7's
+standard library: 1762 code and 1227 docstring/text documents, all taken as good data) was scored stage by stage
+and these defaults were loosened until what each stage removed from it was junk-like or too short: language
+threshold 0.5 -> 0.3 (py3langid scores code and short docstrings low; 0.5 dropped 14% of the corpus), the symbol
+ratio counts hashtags instead of every ``#`` (code comments), duplicated / top n-gram limits raised to about the
+corpus's 99th percentile of code and applied only from 50 words on, the divergence rule only from 200 words on
+with limit 7.0 nats (KL falls with length; a 300-word random hex blob scores 9.5), line dedup ignores lines under
+40 characters ('else:', 'import os' repeat in any code), and 'xxx' / 'cum' left the dirty-word list. With these
+defaults a full run keeps 2626 of 2989 documents (93% of pre-tokens); benchmarks/README.md lists what each stage
+removed. Crafted junk (keyword spam, hashtag lists, dirty words, navigation boilerplate, other
+languages) is still removed (tests/data/curation). Not calibrated: the quality classifier's own 0.5 decision
+thresholds (it removes 1.2% of the corpus) and the MinHash settings, which are the usual 0.8 / 16 x 8.
 """
 
 from __future__ import annotations
