@@ -103,7 +103,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
 
     from llama_jax.data import corpus, pipeline  # noqa: PLC0415
     from llama_jax.scaling import downstream  # noqa: PLC0415
-    from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+    from llama_jax import workdir as workdir_lib  # noqa: PLC0415
     from llama_jax.train import loop  # noqa: PLC0415
 
     if "sweep" not in c:
@@ -167,7 +167,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
             loss = float(final.get("eval_loss", math.nan))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"held-out loss is {loss}")
-            cfg, params = ckpt_lib.load_workdir(run_dir, stage=name)
+            cfg, params = workdir_lib.load(run_dir, stage=name)
             rec.update(loss=loss, tokens_trained=int(final["tokens"]),
                        **downstream.score(cfg, params, mc_items(), tokenizer.bos_id))
             rec["status"] = "ok"
