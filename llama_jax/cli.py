@@ -49,22 +49,33 @@ def check_output_dir(path: str, flag: str) -> None:
         raise PermissionError(f"{flag}={path}: {existing} is not writable")
 
 
-def _parse_flags(argv):
+def _parse_flags(argv, known_only=False):
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(argv, known_only=known_only)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         print(f"llama_jax: error: bad flag: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
-def run(main: Callable[[], None]) -> None:
-    """Parses flags, then runs `main()`; a USER_ERRORS exception becomes `llama_jax: error: ...` and exit 2."""
+def run(main: Callable[..., None], commands: tuple[str, ...] = (), pass_unknown_flags: bool = False) -> None:
+    """Parses flags, then runs `main()`; a USER_ERRORS exception becomes `llama_jax: error: ...` and exit 2.
+
+    With `commands`, exactly one positional argument, one of them, is expected and passed: `main(command)`.
+    With `pass_unknown_flags`, arguments that are not this program's flags are passed on as `main(args)`
+    (e.g. Apache Beam pipeline options) instead of being an error.
+    """
     def wrapped(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        args = argv[1:]
+        if commands and (len(args) != 1 or args[0] not in commands):
+            raise app.UsageError(f"expected one command of {', '.join(commands)}; got {' '.join(args) or 'none'}")
+        if args and not commands and not pass_unknown_flags:
+            raise app.UsageError(f"unexpected arguments: {' '.join(args)}")
         logging.get_absl_handler().addFilter(_QuietLibraries())
         try:
-            main()
+            if pass_unknown_flags:
+                main(args)
+            else:
+                main(*args)
         except USER_ERRORS as e:
             if _TRACEBACK.value:
                 raise
@@ -72,4 +83,4 @@ def run(main: Callable[[], None]) -> None:
             print(f"llama_jax: error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(wrapped, flags_parser=_parse_flags)
+    app.run(wrapped, flags_parser=lambda argv: _parse_flags(argv, known_only=pass_unknown_flags))

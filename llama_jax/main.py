@@ -32,8 +32,12 @@ def main():
         jax.distributed.initialize()
     cli.check_output_dir(_WORKDIR.value, "--workdir")
 
-    loop.run_experiment(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                        start_over=_START_OVER.value)
+    if "sweep" in _CONFIG.value:  # an IsoFLOP sweep: every run is its own one-stage experiment
+        from llama_jax.scaling import sweep  # noqa: PLC0415
+        sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
+    else:
+        loop.run_experiment(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                            start_over=_START_OVER.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Scaling-law fits: `python -m llama_jax.scaling fit --workdir=DIR [--forecast_flops=C] [--bootstrap=N]`.
+
+Re-fits the runs recorded in DIR/runs.jsonl (written by the sweep, `python -m llama_jax.main
+--config=experiments/scaling_laws.py:cpu --workdir=DIR`) and writes DIR/fit.json, DIR/fit.txt and DIR/plots/*.png.
+"""
+
+from absl import flags
+
+from llama_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's workdir (holding runs.jsonl).")
+_FORECAST = flags.DEFINE_float("forecast_flops", 0.0, "Compute budget to forecast at (default: the sweep's "
+                               "forecast_flops from sweep.json, else the paper's 3.8e25).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the intervals (0: none).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(command: str):
+    from llama_jax.scaling import report  # noqa: PLC0415
+
+    assert command == "fit"
+    result = report.fit_workdir(_WORKDIR.value, forecast_flops=_FORECAST.value, bootstrap=_BOOTSTRAP.value)
+    print(report.summary(result))
+    print(f"wrote {_WORKDIR.value}/fit.json, fit.txt and plots/")
+
+
+if __name__ == "__main__":
+    cli.run(main, commands=("fit",))
