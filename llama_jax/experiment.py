@@ -336,6 +336,12 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
         else:
             init_source = "scratch"
         options = _stage_kind(st["kind"]).options(st["name"], dict(st["posttrain"]), total)
+        start_from = options.get("start_from", "")
+        if start_from:
+            if start_from not in names[:index]:
+                raise ValueError(f"stage {st['name']!r}: posttrain.start_from={start_from!r} is not an earlier "
+                                 f"stage; earlier stages: {names[:index]}")
+            init_source = f"previous:{start_from}"
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),

@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
-from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.data.tokenizer import NUM_SPECIAL_TOKENS, Tokenizer
 from llama_jax.infer import sampling
 from llama_jax.model.config import ModelConfig
 from llama_jax.posttrain import reward as reward_lib
@@ -38,11 +39,18 @@ def load_verifier(spec: str) -> Verifier:
     return fn
 
 
-def _strip_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    ids = list(ids)
-    while ids and ids[-1] in stop_ids:
-        ids.pop()
-    return ids
+def _response_ids(ids: Sequence[int], tokenizer: Tokenizer) -> list[int]:
+    """A sample's ids up to its stop token, cut at the first other special token (only a leading
+    `<|python_tag|>` is part of a response) or id the tokenizer does not have (a model whose vocabulary is
+    padded beyond the tokenizer's can sample those): the text ends there."""
+    first_special = tokenizer.n_words - NUM_SPECIAL_TOKENS
+    out = []
+    for n, i in enumerate(ids):
+        i = int(i)
+        if i >= first_special and not (n == 0 and i == tokenizer.python_tag_id):
+            break
+        out.append(i)
+    return out
 
 
 def sample_responses(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Sequence[Sequence[Mapping]], k: int,
@@ -59,7 +67,7 @@ def sample_responses(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Se
         chunk = flat[start:start + batch_size]
         gen = sampling.generate(cfg, params, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed * 1_000_003 + start, stop_ids=tokenizer.stop_ids)
-        texts += [tokenizer.decode(_strip_stop(t, tokenizer.stop_ids)) for t in gen.tokens]
+        texts += [tokenizer.decode(_response_ids(t, tokenizer)) for t in gen.tokens]
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
@@ -84,10 +92,14 @@ def score_with_reward_model(cfg: ModelConfig, params, tokenizer: Tokenizer, reco
     out = np.full((len(records), max((len(s) for s in responses), default=0)), -np.inf)
     if not seqs:
         return out
+    fits = [len(s) <= cfg.max_seq_len for s in seqs]
+    if not all(fits):  # a sequence the reward model cannot read scores -inf (never kept)
+        logging.warning("%d sampled sequences are longer than the reward model's max_seq_len %d: scored -inf",
+                        fits.count(False), cfg.max_seq_len)
+        seqs, where = [s for s, f in zip(seqs, fits) if f], [w for w, f in zip(where, fits) if f]
+        if not seqs:
+            return out
     length = max(len(s) for s in seqs)
-    if length > cfg.max_seq_len:
-        raise ValueError(f"a sampled sequence has {length} tokens, more than the reward model's max_seq_len "
-                         f"{cfg.max_seq_len}")
     fn = jax.jit(lambda p, t, pos, seg: reward_lib.rewards(cfg, p, t, pos, seg, head))
     values = []
     for start in range(0, len(seqs), batch_size):

@@ -45,7 +45,10 @@ from llama_jax.posttrain import reward as reward_lib
 from llama_jax.train import kinds
 from llama_jax.train import loss as loss_lib
 
-_TASK = dict(eval_prompts="", verifier="", eval_max_new_tokens=16)
+# Every post-training kind: held-out task evaluation, and `start_from` (an earlier stage whose final parameters
+# the stage starts from instead of the previous stage's; e.g. rejection sampling from the policy after a reward
+# model stage).
+_TASK = dict(eval_prompts="", verifier="", eval_max_new_tokens=16, start_from="")
 STAGE_PREFIX = "stage:"
 
 
@@ -439,7 +442,7 @@ class RejectionSampling(kinds.StageKind):
     name = "rejection_sampling"
     DEFAULTS = dict(prompts="", k=10, scorer="verifier", verifier="", reward_model="", sampler="",
                     temperature=1.0, top_p=1.0, max_new_tokens=32, min_score=float("-inf"), batch_size=64,
-                    eval_prompts="", eval_max_new_tokens=16)
+                    eval_prompts="", eval_max_new_tokens=16, start_from="")
 
     def options(self, stage, raw, total_steps):
         out = _check_options(self.name, stage, raw, self.DEFAULTS, ("prompts",))

@@ -5,11 +5,17 @@ from llama_jax.data import tokenizer
 
 
 @pytest.fixture(scope="session")
-def tok(tmp_path_factory) -> tokenizer.Tokenizer:
+def tok_path(tmp_path_factory) -> str:
     texts = [f"What is {a} + {b}? The answer is {a + b}. user assistant system ipython print(x)"
              for a in range(30) for b in range(0, 30, 7)]
     path = str(tmp_path_factory.mktemp("tok") / "pt.model")
-    return tokenizer.train_bpe(texts, 320, path)
+    tokenizer.train_bpe(texts, 320, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tok_path) -> tokenizer.Tokenizer:
+    return tokenizer.Tokenizer.from_file(tok_path)
 
 
 @pytest.fixture(scope="session")

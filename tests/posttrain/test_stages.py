@@ -121,3 +121,63 @@ def test_posttrain_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="takes no posttrain settings"):
         from llama_jax.train import kinds
         kinds.get("pretrain").options("p", {"beta": 1}, 3)
+
+
+def _driver_config(tok_path, tmp_path):
+    from llama_jax.posttrain import tasks
+    paths = tasks.write_arithmetic(str(tmp_path / "task"), max_operand=6, n_sft=12, n_prompts=4, n_heldout=3)
+    prefs = str(tmp_path / "prefs.jsonl")
+    data_lib.write_jsonl(prefs, [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}],
+                                  "chosen": f"{a} + 1 = {a + 1}", "rejected": f"{a} + 1 = {a + 2}",
+                                  **({"edited": f"{a + 1}"} if a % 2 else {})} for a in range(8)])
+    c = experiment.base_config()
+    c.tokenizer = tok_path
+    c.model.update(dict(vocab_size=640, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128))
+    c.data.sources = [dict(name="code", kind="corpus", path="code", weight=1.0)]
+    c.checkpoint.update(dict(every_steps=0, async_save=False))
+    c.eval.update(dict(every_steps=0, batches=1))
+    c.sample.max_new_tokens = 0
+    c.log_every_steps = 0
+    opt = experiment.optim(1e-3, warmup_steps=1)
+    task = dict(eval_prompts=paths["heldout"], verifier="llama_jax.posttrain.tasks:verify_arithmetic",
+                eval_max_new_tokens=4)
+    c.stages = [
+        experiment.stage("sft", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
+                         posttrain=dict(dialogs=paths["sft"], **task)),
+        experiment.stage("rm", [experiment.phase(64, 24)], opt, steps=2, kind="reward",
+                         posttrain=dict(preferences=prefs)),
+        experiment.stage("rs", [experiment.phase(64, 8)], opt, steps=1, kind="rejection_sampling",
+                         posttrain=dict(prompts=paths["prompts"], k=3, scorer="reward", reward_model="stage:rm",
+                                        max_new_tokens=6, start_from="sft")),
+        experiment.stage("sft2", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
+                         posttrain=dict(dialogs="stage:rs/sft.jsonl")),
+        experiment.stage("dpo", [experiment.phase(64, 16)], opt, steps=2, kind="dpo",
+                         posttrain=dict(preferences="stage:rs/preferences.jsonl")),
+    ]
+    return c
+
+
+def test_a_round_feeds_the_next(tok_path, tmp_path):
+    from llama_jax import workdir as workdir_lib
+    from llama_jax.train import loop
+    c = _driver_config(tok_path, tmp_path)
+    workdir = str(tmp_path / "run")
+    results = loop.run_experiment(c, workdir)
+    assert 0.0 <= results["sft"]["eval_task_accuracy"] <= 1.0
+    assert 0.0 <= results["rm"]["eval_ranking_accuracy"] <= 1.0
+    stats = results["rs"]["rejection_sampling"]
+    assert stats["prompts"] == 4 and stats["samples_per_prompt"] == 3 and stats["scorer"] == "reward"
+    # rejection sampling trains nothing: its checkpoint is the model it started from (sft, not rm)
+    _, sft_params = workdir_lib.load(workdir, stage="sft")
+    _, rs_params = workdir_lib.load(workdir, stage="rs")
+    for a, b in zip(jax.tree.leaves(sft_params), jax.tree.leaves(rs_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sft_file = workdir_lib.stage_output_path(workdir, "rs", "sft.jsonl")
+    kept = [json.loads(line) for line in open(sft_file)]
+    assert len(kept) == stats["kept"] > 0
+    # the next stages trained on what rejection sampling wrote
+    assert results["sft2"]["data"]["path"] == sft_file and results["sft2"]["data"]["kept"] == len(kept)
+    prefs = [json.loads(line) for line in open(workdir_lib.stage_output_path(workdir, "rs", "preferences.jsonl"))]
+    assert len(prefs) == stats["pairs"] > 0
+    assert 0.0 <= results["dpo"]["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in results["dpo"]
+    assert os.path.isfile(workdir_lib.stage_output_path(workdir, "rs", "stats.json"))
