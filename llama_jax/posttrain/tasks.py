@@ -44,7 +44,8 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
     if n_sft + n_prompts + n_heldout > len(pairs):
         raise ValueError(f"{n_sft} + {n_prompts} + {n_heldout} problems requested but only {len(pairs)} distinct "
                          f"pairs exist with operands below {max_operand}")
-    settings = dict(max_operand=max_operand, n_sft=n_sft, n_prompts=n_prompts, n_heldout=n_heldout, seed=seed)
+    settings = dict(max_operand=max_operand, n_sft=n_sft, n_prompts=n_prompts, n_heldout=n_heldout, seed=seed,
+                    format=2)
     paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "prompts", "heldout", "pretrain")}
     paths["tokenizer"] = os.path.join(directory, "tokenizer.model")
     marker = os.path.join(directory, "settings.json")
