@@ -5,8 +5,9 @@ Variant `cpu` (`--config=experiments/herd.py:cpu[,key=value,...]`):
     python -m llama_jax.main --config=experiments/herd.py:cpu --workdir=/tmp/llama_herd
 The task (`llama_jax.posttrain.tasks`): "What is a + b?" for operands below 20, generated deterministically
 into `task_dir` when the config is built: 120 SFT dialogs, 120 rejection-sampling prompts and 100 held-out
-prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair outside the held-out set,
-and a 290-rank BPE tokenizer trained on it. The verifier accepts a response whose last integer is a + b.
+prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair (the facts are in the
+pretraining data, as in a web corpus; post-training has to elicit them in the dialog format for prompts it never
+trained on), and a 290-rank BPE tokenizer. The verifier accepts a response whose last integer is a + b.
 Stages: `pretrain` (text), `sft` (the 120 dialogs), then per round `rs_rN` (K samples per prompt from the
 model entering the round at temperature 1, verified, the first correct sample kept: SFT data; best vs worst:
 DPO pairs), `sft_rN` on those dialogs and `dpo_rN` on those pairs (β 0.1, NLL 0.2, formatting masked, frozen

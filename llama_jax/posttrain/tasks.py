@@ -5,7 +5,8 @@
     sft.jsonl        dialogs "What is a + b?" -> "a + b = c" (the SFT seed data)
     prompts.jsonl    prompts with their answers, disjoint from sft.jsonl (rejection sampling's input)
     heldout.jsonl    prompts with answers, disjoint from both (held-out accuracy)
-    pretrain.jsonl   {"text": "What is a + b? a + b = c"} for every pair outside heldout.jsonl
+    pretrain.jsonl   {"text": "What is a + b? a + b = c"} for every pair (plain text; the dialogs and
+                     held-out prompts use the chat format)
     tokenizer.model  a 290-rank BPE tokenizer (Meta format) trained on all problems with operands below 20
 
 `verify_arithmetic(record, response)` is the verifier: 1.0 when the last integer in the response equals the
@@ -45,7 +46,7 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
         raise ValueError(f"{n_sft} + {n_prompts} + {n_heldout} problems requested but only {len(pairs)} distinct "
                          f"pairs exist with operands below {max_operand}")
     settings = dict(max_operand=max_operand, n_sft=n_sft, n_prompts=n_prompts, n_heldout=n_heldout, seed=seed,
-                    format=2)
+                    format=3)
     paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "prompts", "heldout", "pretrain")}
     paths["tokenizer"] = os.path.join(directory, "tokenizer.model")
     marker = os.path.join(directory, "settings.json")
@@ -63,7 +64,9 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
     for name, items in (("prompts", prompts), ("heldout", heldout)):
         data_lib.write_jsonl(paths[name], [{"prompt": [{"role": "user", "content": question(a, b)}], "answer": a + b}
                                            for a, b in items])
-    texts = [f"{question(a, b)} {answer_text(a, b)}" for a, b in pairs if (a, b) not in set(heldout)]
+    # Pretraining text states every fact, held-out ones included (as a web corpus would): post-training must
+    # elicit them in the dialog format for prompts it never trained on.
+    texts = [f"{question(a, b)} {answer_text(a, b)}" for a, b in pairs]
     data_lib.write_jsonl(paths["pretrain"], [{"text": t} for t in texts])
     from llama_jax.data.tokenizer import train_bpe  # noqa: PLC0415
     # The tokenizer sees every problem with operands below 20 whatever the task's size: same vocabulary always.

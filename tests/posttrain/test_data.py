@@ -78,3 +78,17 @@ def test_pack_rows_numbers_documents():
     np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 0])
     np.testing.assert_array_equal(rows[0]["positions"], [0, 1, 2, 0, 1, 2, 3, 0])
     np.testing.assert_array_equal(rows[1]["segment_ids"], [1] * 5 + [0] * 3)
+
+
+def test_arithmetic_task_splits_are_disjoint(tmp_path):
+    from llama_jax.posttrain import tasks
+    paths = tasks.write_arithmetic(str(tmp_path), max_operand=8, n_sft=20, n_prompts=20, n_heldout=10)
+    questions = {}
+    for name, kind in (("sft", "dialog"), ("prompts", "prompt"), ("heldout", "prompt")):
+        records, _ = data.read_jsonl(paths[name], kind)
+        questions[name] = {(r.get("messages") or r["prompt"])[0]["content"] for r in records}
+    assert len(questions["heldout"]) == 10
+    assert not questions["heldout"] & (questions["sft"] | questions["prompts"])
+    assert not questions["sft"] & questions["prompts"]
+    assert tasks.verify_arithmetic({"answer": 12}, "7 + 5 = 12") == 1.0
+    assert tasks.verify_arithmetic({"answer": 12}, "12 is not 13") == 0.0
