@@ -55,7 +55,8 @@ def get_config(arg: str | None = None):
     policy = "sft"
     for r in range(1, a.rounds + 1):
         stages += recipe.round_stages(r, paths["prompts"], seq_len, policy=policy, k=a.k, verifier=VERIFIER,
-                                      sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, batch=16, sft_lr=1e-3,
+                                      sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, batch=16, sft_lr=3e-4,
+                                      sft_extra=paths["sft"],
                                       dpo_lr=1e-4, rs=dict(min_score=1.0, max_new_tokens=12, temperature=1.0),
                                       task=task)
         policy = f"dpo_r{r}"

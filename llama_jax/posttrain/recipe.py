@@ -42,8 +42,10 @@ def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **posttra
 def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10, verifier: str = "",
                  reward_preferences: str = "", sft_steps: int = 100, dpo_steps: int = 50, batch: int = 16,
                  sft_lr: float = PAPER_SFT_LR, dpo_lr: float = PAPER_DPO_LR, rs: dict | None = None,
-                 task: dict | None = None) -> list[dict]:
-    """Round `r` starting from stage `policy`: [rm_r ->] rs_r -> sft_r -> dpo_r (names carry the round)."""
+                 task: dict | None = None, sft_extra: str = "") -> list[dict]:
+    """Round `r` starting from stage `policy`: [rm_r ->] rs_r -> sft_r -> dpo_r (names carry the round).
+
+    `sft_extra`: earlier SFT data mixed with the round's rejection-sampled dialogs (as Llama 3 does)."""
     task = dict(task or {})
     out = []
     scorer = dict(scorer="verifier", verifier=verifier)
@@ -53,7 +55,8 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
         scorer = dict(scorer="reward", reward_model=f"stage:rm_r{r}")
     out.append(rejection_stage(f"rs_r{r}", prompts, seq_len, batch, k=k, start_from=policy, **scorer,
                                **dict(rs or {}), **{k_: v for k_, v in task.items() if k_ != "verifier"}))
-    out.append(sft_stage(f"sft_r{r}", f"stage:rs_r{r}/sft.jsonl", sft_steps, seq_len, batch, sft_lr, **task))
+    dialogs = f"stage:rs_r{r}/sft.jsonl" + (f",{sft_extra}" if sft_extra else "")
+    out.append(sft_stage(f"sft_r{r}", dialogs, sft_steps, seq_len, batch, sft_lr, **task))
     out.append(dpo_stage(f"dpo_r{r}", f"stage:rs_r{r}/preferences.jsonl", dpo_steps, seq_len, batch // 2, dpo_lr,
                          **task))
     return out

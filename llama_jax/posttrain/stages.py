@@ -74,8 +74,9 @@ def _check_options(kind: str, stage: str, raw: Mapping[str, Any], defaults: Mapp
     for key, value in out.items():
         if isinstance(value, str) and value and key in ("dialogs", "preferences", "eval_dialogs",
                                                         "eval_preferences", "prompts", "eval_prompts"):
-            if not value.startswith(STAGE_PREFIX) and not os.path.isfile(value):
-                raise FileNotFoundError(f"stage {stage!r} ({kind}): posttrain.{key} {value!r} does not exist")
+            for one in value.split(",") if key == "dialogs" else [value]:
+                if not one.startswith(STAGE_PREFIX) and not os.path.isfile(one):
+                    raise FileNotFoundError(f"stage {stage!r} ({kind}): posttrain.{key} {one!r} does not exist")
     if "truncation" in out and out["truncation"] not in data_lib.TRUNCATION:
         raise ValueError(f"stage {stage!r} ({kind}): posttrain.truncation={out['truncation']!r}; expected one of "
                          f"{data_lib.TRUNCATION}")
@@ -210,7 +211,7 @@ class SFT(kinds.StageKind):
     """Supervised fine-tuning on dialogs: loss on assistant turns only, dialogs packed with document masks.
 
     Paper settings (Llama 3 §4.1.3) are the defaults of `posttrain.recipe.sft_stage` (LR 1e-5); settings here:
-    dialogs (required), eval_dialogs, truncation ("drop" | "error"), task evaluation.
+    dialogs (required; several files separated by commas are mixed), eval_dialogs, truncation ("drop" | "error"), task evaluation.
     """
 
     name = "sft"
@@ -221,7 +222,13 @@ class SFT(kinds.StageKind):
 
     def rows(self, ctx, path: str, seq_len: int, seed: int | None) -> tuple[list[dict], dict]:
         o = _opts(ctx)
-        records, report = data_lib.read_jsonl(resolve_path(ctx, path), "dialog")
+        records, report = [], None
+        for spec in path.split(","):  # several files: mixed (e.g. rejection-sampled + earlier SFT data)
+            got, rep = data_lib.read_jsonl(resolve_path(ctx, spec), "dialog")
+            records += got
+            report = rep if report is None else data_lib.ReadReport(
+                f"{report.path},{rep.path}", report.total + rep.total, report.kept + rep.kept,
+                report.malformed + rep.malformed, report.examples + rep.examples)
         if seed is not None:
             records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
         seqs = [data_lib.encode_sft(ctx.tokenizer, r["messages"], seq_len, o["truncation"]) for r in records]
@@ -254,8 +261,9 @@ class SFT(kinds.StageKind):
 
     def finish(self, ctx, state):
         o = _opts(ctx)
-        _, report = data_lib.read_jsonl(resolve_path(ctx, o["dialogs"]), "dialog")
-        out = {"data": report.to_json()}
+        reports = [data_lib.read_jsonl(resolve_path(ctx, spec), "dialog")[1].to_json()
+                   for spec in o["dialogs"].split(",")]
+        out = {"data": reports[0] if len(reports) == 1 else reports}
         start = _task_eval(ctx, start_params(ctx), o) if ctx.stage.init_source != "scratch" else {}
         if start:
             out["start_task_accuracy"] = start["task_accuracy"]
