@@ -15,7 +15,8 @@ reference). Held-out accuracy (greedy) is each stage's `eval_task_accuracy` in
 `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s `start_task_accuracy` is the pretrained
 model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir.
 Hardware: a 2-core CPU; measured runtime and accuracies are in benchmarks/README.md (a progress line per
-stage). Small-model learning rates (1e-3 SFT, 1e-4 DPO) replace the paper's 1e-5, which is for 405B.
+stage). Small-model learning rates (SFT 1e-3, round SFT 3e-4 on the kept samples mixed with the SFT dialogs, DPO
+1e-4) replace the paper's 1e-5, which is for 405B.
 """
 
 import os
