@@ -10,6 +10,8 @@
     <workdir>/stages/<name>/checkpoints/<step>/  Orbax checkpoints (llama_jax.train.checkpoint)
     <workdir>/stages/<name>/DONE.json            written when the stage finished: its final metrics
     <workdir>/stages/<name>/batches.jsonl        CRC of every batch (config.debug.log_batches)
+    <workdir>/stages/<name>/<output>             files a stage writes for later ones (rejection sampling:
+                                                 sft.jsonl, preferences.jsonl, stats.json)
 
 `load(path)` reads a workdir as a checkpoint (for `generate` and `convert`): the newest checkpoint of the last
 stage that has one, falling back past checkpoints that do not restore (a warning names each and why).
@@ -186,3 +188,8 @@ def load(path: str, stage: str | None = None, dtype: str = "float32"):
             continue
         return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     raise ValueError(f"workdir {path!r}: no checkpoint of stage {name!r} restores: " + "; ".join(failures))
+
+
+def stage_output_path(workdir: str, stage: str, name: str) -> str:
+    """A file a stage writes for later stages (rejection sampling's `sft.jsonl`, `preferences.jsonl`, ...)."""
+    return os.path.join(stage_dir(workdir, stage), name)

@@ -6,7 +6,9 @@ A batch is a dict of arrays ``[B, L]`` (``B`` rows of this host, ``L`` the seque
     documents                                             int64, host only (optional; DOCUMENT_KEY)
 
 ``segment_ids`` number the documents of a row from 1 (0 = padding), ``positions`` restart at 0 for each
-document, ``loss_mask`` is 1 on counted targets. ``documents`` (training iterators built with
+document, ``loss_mask`` is 1 on counted targets. A stage kind whose loss reads more per-token values (DPO's reference log-probabilities) adds them as extra
+``[B, L]`` keys (:func:`device_keys`): they travel to the devices beside BATCH_KEYS (floats as float32, integers
+as int32). ``documents`` (training iterators built with
 ``track_documents=True``) identifies the document of each token in its source's stream, so the driver can
 continue a stage's one document stream at a new batch shape (:func:`consumed_documents`); it never reaches the
 devices.
@@ -42,6 +44,11 @@ def check(batch: Mapping[str, Any]) -> None:
             raise ValueError(f"batch[{key!r}] must be integer, got {np.asarray(batch[key]).dtype}")
 
 
+def device_keys(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys of `batch` sent to the devices: BATCH_KEYS, then any extra key but the host-only DOCUMENT_KEY."""
+    return BATCH_KEYS + tuple(sorted(k for k in batch if k not in BATCH_KEYS and k != DOCUMENT_KEY))
+
+
 def make_global_batch(local_batch: Mapping[str, Any], sharding: Any) -> dict[str, Any]:
     """Host batch -> global int32 ``jax.Array`` s of the contract's device keys.
 
@@ -57,9 +64,11 @@ def make_global_batch(local_batch: Mapping[str, Any], sharding: Any) -> dict[str
         from llama_jax.sharding import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
         sharding = mesh_lib.data_sharding(sharding)
     out = {}
-    for key in BATCH_KEYS:
+    for key in device_keys(local_batch):
         s = sharding[key] if isinstance(sharding, Mapping) else sharding
-        out[key] = jax.make_array_from_process_local_data(s, np.asarray(local_batch[key], DTYPE))
+        value = np.asarray(local_batch[key])
+        dtype = np.float32 if key not in BATCH_KEYS and np.issubdtype(value.dtype, np.floating) else DTYPE
+        out[key] = jax.make_array_from_process_local_data(s, value.astype(dtype, copy=False))
     return out
 
 
@@ -80,5 +89,5 @@ def consumed_documents(documents: np.ndarray, num_sources: int) -> dict[int, int
     return out
 
 
-__all__ = ["BATCH_KEYS", "DOCUMENT_KEY", "DTYPE", "check", "consumed_documents", "encode_document_id",
-           "make_global_batch"]
+__all__ = ["BATCH_KEYS", "DOCUMENT_KEY", "DTYPE", "check", "consumed_documents", "device_keys",
+           "encode_document_id", "make_global_batch"]

@@ -23,7 +23,8 @@ host-only `documents` key lets the driver continue one document stream across a 
 without it simply restart their stream at a phase change.
 
 Registered: `pretrain` (next-token loss on packed documents, evaluation on the sources' validation split,
-text samples at the end).
+text samples at the end); `sft`, `reward`, `rejection_sampling`, `dpo` (`llama_jax.posttrain.stages`, settings
+in the stage's `posttrain` mapping, validated by the kind's `options`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class StageKind:
     """Base class and protocol of a stage kind (see the module docstring)."""
 
     name: str = ""
+
+    def options(self, stage: str, raw: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
+        """The stage's validated `posttrain` settings (defaults filled in); kinds without settings refuse any."""
+        del total_steps
+        if raw:
+            raise ValueError(f"stage {stage!r}: kind {self.name!r} takes no posttrain settings, got {sorted(raw)}")
+        return {}
 
     def train_iterator(self, ctx: StageContext, phase: int, start_documents: Mapping[str, int]) -> Iterator:
         raise NotImplementedError
@@ -143,3 +151,5 @@ def text_samples(ctx: StageContext, state) -> list[str]:
 
 
 register(Pretrain())
+
+from llama_jax.posttrain import stages as _posttrain_stages  # noqa: E402,F401 - registers the post-training kinds

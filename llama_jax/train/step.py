@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from llama_jax.data.batch import BATCH_KEYS, make_global_batch  # noqa: F401 - the one batch contract
+from llama_jax.data.batch import BATCH_KEYS, device_keys, make_global_batch  # noqa: F401 - the batch contract
 from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
@@ -190,8 +190,12 @@ def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum
 
 def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainState,
                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """Compiles `train_step` with explicit in/out shardings under the mesh and logical-axis rules."""
-    batch_sh = {k: mesh_lib.data_sharding(mesh) for k in BATCH_KEYS}
+    """Compiles `train_step` with explicit in/out shardings under the mesh and logical-axis rules.
+
+    The batch holds BATCH_KEYS plus any extra [B, L] keys a stage kind's loss reads (`device_keys`); every
+    batch array has rows over (data, fsdp) and its length over context.
+    """
+    batch_sh = mesh_lib.data_sharding(mesh)
 
     def step_with_rules(state, batch):
         with nn.logical_axis_rules(rules):
@@ -206,9 +210,9 @@ def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainStat
     def run(state: TrainState, batch: Batch):
         check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, grad_accum)
         with jax.set_mesh(mesh):
-            return jitted(state, {k: batch[k] for k in BATCH_KEYS})
+            return jitted(state, {k: batch[k] for k in device_keys(batch)})
 
-    run.lower = lambda state, batch: jitted.lower(state, {k: batch[k] for k in BATCH_KEYS})  # for inspection
+    run.lower = lambda state, batch: jitted.lower(state, {k: batch[k] for k in device_keys(batch)})  # inspection
     return run
 
 

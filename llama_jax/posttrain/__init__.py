@@ -1,0 +1,1 @@
+"""Post-training: dialog / preference data, SFT, reward model, rejection sampling, DPO, model averaging."""

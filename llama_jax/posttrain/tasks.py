@@ -1,0 +1,80 @@
+"""A program-verifiable task the project generates: small-integer addition in the Llama 3 dialog format.
+
+`write_arithmetic(directory, ...)` writes (atomically, deterministically from its seed):
+
+    sft.jsonl        dialogs "What is a + b?" -> "a + b = c" (the SFT seed data)
+    prompts.jsonl    prompts with their answers, disjoint from sft.jsonl (rejection sampling's input)
+    heldout.jsonl    prompts with answers, disjoint from both (held-out accuracy)
+    pretrain.jsonl   {"text": "What is a + b? a + b = c"} for every pair (plain text; the dialogs and
+                     held-out prompts use the chat format)
+    tokenizer.model  a 290-rank BPE tokenizer (Meta format) trained on all problems with operands below 20
+
+`verify_arithmetic(record, response)` is the verifier: 1.0 when the last integer in the response equals the
+record's `answer`, else 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+from llama_jax.posttrain import data as data_lib
+
+_INT = re.compile(r"-?\d+")
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def answer_text(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}"
+
+
+def verify_arithmetic(record, response: str) -> float:
+    found = _INT.findall(response)
+    return 1.0 if found and int(found[-1]) == int(record["answer"]) else 0.0
+
+
+def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
+                     n_heldout: int = 100, seed: int = 0) -> dict[str, str]:
+    """Writes the task's three files under `directory` (skipped when already written with these settings)."""
+    pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
+    if n_sft + n_prompts + n_heldout > len(pairs):
+        raise ValueError(f"{n_sft} + {n_prompts} + {n_heldout} problems requested but only {len(pairs)} distinct "
+                         f"pairs exist with operands below {max_operand}")
+    settings = dict(max_operand=max_operand, n_sft=n_sft, n_prompts=n_prompts, n_heldout=n_heldout, seed=seed,
+                    format=3)
+    paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "prompts", "heldout", "pretrain")}
+    paths["tokenizer"] = os.path.join(directory, "tokenizer.model")
+    marker = os.path.join(directory, "settings.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == settings and all(os.path.isfile(p) for p in paths.values()):
+                return paths
+    random.Random(seed).shuffle(pairs)
+    sft = pairs[:n_sft]
+    prompts = pairs[n_sft:n_sft + n_prompts]
+    heldout = pairs[n_sft + n_prompts:n_sft + n_prompts + n_heldout]
+    data_lib.write_jsonl(paths["sft"], [{"messages": [{"role": "user", "content": question(a, b)},
+                                                      {"role": "assistant", "content": answer_text(a, b)}]}
+                                        for a, b in sft])
+    for name, items in (("prompts", prompts), ("heldout", heldout)):
+        data_lib.write_jsonl(paths[name], [{"prompt": [{"role": "user", "content": question(a, b)}], "answer": a + b}
+                                           for a, b in items])
+    # Pretraining text states every fact, held-out ones included (as a web corpus would): post-training must
+    # elicit them in the dialog format for prompts it never trained on.
+    texts = [f"{question(a, b)} {answer_text(a, b)}" for a, b in pairs]
+    data_lib.write_jsonl(paths["pretrain"], [{"text": t} for t in texts])
+    from llama_jax.data.tokenizer import train_bpe  # noqa: PLC0415
+    # The tokenizer sees every problem with operands below 20 whatever the task's size: same vocabulary always.
+    vocab_texts = [f"{question(a, b)} {answer_text(a, b)}" for a in range(20) for b in range(20)]
+    train_bpe(vocab_texts + ["user assistant system ipython"], 290, paths["tokenizer"])
+    data_lib.write_jsonl(marker + ".jsonl", [settings])
+    os.replace(marker + ".jsonl", marker)
+    return paths
+
+
+__all__ = ["answer_text", "question", "verify_arithmetic", "write_arithmetic"]
