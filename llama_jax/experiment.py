@@ -307,6 +307,10 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
             if seq_len > model_cfg.max_seq_len:
                 raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} exceeds the model's max_seq_len "
                                  f"{model_cfg.max_seq_len}")
+            cp = int(c.mesh.get("context", 1))
+            if cp > 1 and (seq_len < cp or seq_len % (2 * cp)):
+                raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} cannot be split over mesh.context={cp}: "
+                                 f"context parallelism needs a multiple of 2 x context = {2 * cp}")
         if int(st["grad_accum"]) < 1:
             raise ValueError(f"stage {st['name']!r}: grad_accum={st['grad_accum']} must be >= 1")
         if int(st["loss_chunk"]) < 0:

@@ -115,6 +115,15 @@ def _local_backend(backend: str, dtype) -> str:
     return backend
 
 
+def _gather(x):
+    """All-gather over `context` along the sequence axis. On CPU, XLA's all-reduce promotion pass cannot
+    rewrite the bfloat16 reduce-scatter of the backward pass, so the CPU gathers in float32 (exact: a gather
+    only moves values)."""
+    if jax.default_backend() == "cpu" and x.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.lax.all_gather(x.astype(jnp.float32), AXIS, axis=1, tiled=True).astype(x.dtype)
+    return jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+
+
 def context_parallel_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, segment_ids_BT: Array,
                                backend: str = "auto") -> Array:
     """Causal, document-masked GQA over a sequence in load-balanced order, sharded over `context`.
@@ -129,8 +138,8 @@ def context_parallel_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, segm
     c = t // (2 * cp)
 
     def per_device(q, k, v, seg):
-        k_all = _natural_order_keys(jax.lax.all_gather(k, AXIS, axis=1, tiled=True), cp)
-        v_all = _natural_order_keys(jax.lax.all_gather(v, AXIS, axis=1, tiled=True), cp)
+        k_all = _natural_order_keys(_gather(k), cp)
+        v_all = _natural_order_keys(_gather(v), cp)
         seg_all = _natural_order_keys(jax.lax.all_gather(seg, AXIS, axis=1, tiled=True), cp)
         i = jax.lax.axis_index(AXIS)
         outs = []
