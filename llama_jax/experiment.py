@@ -26,7 +26,7 @@ from llama_jax.model import config as model_config
 from llama_jax.train.optim import OptimConfig
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
-              "data")
+              "data", "options")
 PHASE_KEYS = ("seq_len", "global_batch", "until_tokens")
 # (config path, minimum, what 0 means or None where 0 is not allowed)
 INTERVALS = (
@@ -85,6 +85,7 @@ class Stage:
     loss_chunk: int
     init_source: str
     seed: int
+    options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))  # the kind's own settings (gates, averaging)
 
     @property
     def schedule_steps(self) -> int:
@@ -145,11 +146,11 @@ def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dic
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,
           kind: str = "pretrain", grad_accum: int = 1, loss_chunk: int = 0, model_overrides: dict | None = None,
-          data: dict | None = None) -> dict:
+          data: dict | None = None, options: dict | None = None) -> dict:
     """A stage; give its length as `steps` or `tokens` (converted to whole steps through the phases)."""
     return dict(name=name, kind=kind, phases=list(phases), steps=int(steps), tokens=int(tokens),
                 optim=dict(optim_cfg), grad_accum=grad_accum, loss_chunk=loss_chunk,
-                model_overrides=dict(model_overrides or {}), data=dict(data or {}))
+                model_overrides=dict(model_overrides or {}), data=dict(data or {}), options=dict(options or {}))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -297,7 +298,7 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
         st = dict(st)
         st.setdefault("kind", "pretrain")
         for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", 0),
-                             ("model_overrides", {}), ("data", {})):
+                             ("model_overrides", {}), ("data", {}), ("options", {})):
             st.setdefault(key, default)
         if st["kind"] not in kinds:
             raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {kinds}")
@@ -333,8 +334,19 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                             total_steps=total, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
-                            init_source=init_source, seed=int(c.seed)))
+                            init_source=init_source, seed=int(c.seed), options=_freeze(dict(st["options"]))))
+        _check_options(stages[-1])
     return stages
+
+
+def _check_options(st: Stage) -> None:
+    """The kind checks its own options (unknown keys, ranges); errors name the stage."""
+    from llama_jax.train import kinds  # noqa: PLC0415
+    check = getattr(kinds.get(st.kind), "check_options", None)
+    if check is not None:
+        check(st)
+    elif st.options:
+        raise ValueError(f"stage {st.name!r}: kind {st.kind!r} takes no options, got {sorted(st.options)}")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

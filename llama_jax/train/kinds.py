@@ -53,6 +53,7 @@ class StageContext:
     data_cfg: dict
     to_device: Callable[[Mapping[str, Any]], dict]
     eval_step: Callable[[int, int], Callable]  # (seq_len, global_batch) -> compiled (params, batch) -> (sum, n)
+    workdir: str = ""  # the run's workdir (kinds that read an earlier stage's results)
 
 
 class StageKind:
@@ -143,3 +144,5 @@ def text_samples(ctx: StageContext, state) -> list[str]:
 
 
 register(Pretrain())
+
+from llama_jax.train import long_context  # noqa: E402,F401 - registers `long_context` and `anneal`

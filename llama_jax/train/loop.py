@@ -283,7 +283,7 @@ class StageRun:
         self.kind = kinds_lib.get(stage.kind)
         self.ctx = kinds_lib.StageContext(stage=stage, config=c, tokenizer=tokenizer, mesh=mesh, rules=rules,
                                           writer=writer, data_cfg=data_cfg, to_device=self.to_device,
-                                          eval_step=self._eval_step)
+                                          eval_step=self._eval_step, workdir=workdir)
         self.stream = StageStream(self.kind, self.ctx)
         ck = c.checkpoint
         self.ckpts = ckpt_lib.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=ck.keep,
