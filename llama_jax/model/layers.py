@@ -131,7 +131,7 @@ class Attention(nn.Module):
         v = checkpoint_name(v, "value_proj")
 
         new_cache = None
-        if cache is None and context_parallel.context_size() > 1:
+        if cache is None and context_parallel.context_size() > 1 and not self.is_initializing():
             # the mesh splits the sequence over `context`: it arrives in load-balanced order
             out = context_parallel.context_parallel_attention(q, kk, v, segment_ids_BT, backend=cfg.attention)
         elif cache is None:
