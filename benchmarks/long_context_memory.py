@@ -20,6 +20,7 @@ p.add_argument("--seq_len", type=int, default=131_072)
 p.add_argument("--context", type=int, default=8)
 p.add_argument("--fsdp", type=int, default=1)
 p.add_argument("--loss_chunk", type=int, default=4096)
+p.add_argument("--attention", default="xla_chunked")
 args = p.parse_args()
 n = args.context * args.fsdp
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
@@ -35,7 +36,7 @@ from llama_jax.sharding import rules as rules_lib  # noqa: E402
 from llama_jax.train import step as step_lib  # noqa: E402
 from llama_jax.train.optim import OptimConfig  # noqa: E402
 
-cfg = config.get(args.preset, dtype="bfloat16", remat="full", attention="xla_chunked")
+cfg = config.get(args.preset, dtype="bfloat16", remat="full", attention=args.attention)
 mesh = mesh_lib.make_mesh({"fsdp": args.fsdp, "context": args.context})
 # FSDP over both data-parallel-like axes: weights sharded along `embed` over (fsdp, context)
 rules = tuple((k, ("fsdp", "context")) if k == "embed" else (k, v) for k, v in rules_lib.get_rules("fsdp"))
