@@ -48,7 +48,7 @@ def _stage_kinds() -> tuple[str, ...]:
     return kinds.names()
 
 
-STAGE_KINDS = ("pretrain",)  # the kinds registered today (see llama_jax.train.kinds.names())
+STAGE_KINDS = ("pretrain", "long_context", "anneal")  # the kinds registered today (see llama_jax.train.kinds.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,8 @@ class Stage:
     loss_chunk: int
     init_source: str
     seed: int
-    options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))  # the kind's own settings (gates, averaging)
+    # the kind's own settings (gates, averaging), checked by the kind
+    options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def schedule_steps(self) -> int:

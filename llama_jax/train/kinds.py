@@ -23,7 +23,8 @@ host-only `documents` key lets the driver continue one document stream across a 
 without it simply restart their stream at a phase change.
 
 Registered: `pretrain` (next-token loss on packed documents, evaluation on the sources' validation split,
-text samples at the end).
+text samples at the end); `long_context` and `anneal` (llama_jax.train.long_context: gates at the end of an
+extension stage; checkpoint averaging at the end of annealing).
 """
 
 from __future__ import annotations

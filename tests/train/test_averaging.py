@@ -45,9 +45,8 @@ def test_average_is_exact_on_any_mesh(ckpt_dir, mesh_shape):
 
 
 def test_bad_requests_are_named(ckpt_dir):
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                            _params(0))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), _params(0))
     with pytest.raises(FileNotFoundError, match=r"step\(s\) \[50\] not found"):
         averaging.average_checkpoints(ckpt_dir, [40, 50], abstract)
     with pytest.raises(ValueError, match="empty"):
