@@ -21,6 +21,7 @@ p.add_argument("--context", type=int, default=8)
 p.add_argument("--fsdp", type=int, default=1)
 p.add_argument("--loss_chunk", type=int, default=4096)
 p.add_argument("--attention", default="xla_chunked")
+p.add_argument("--layers", type=int, default=0, help="override n_layers (0 = the preset)")
 args = p.parse_args()
 n = args.context * args.fsdp
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
@@ -37,6 +38,8 @@ from llama_jax.train import step as step_lib  # noqa: E402
 from llama_jax.train.optim import OptimConfig  # noqa: E402
 
 cfg = config.get(args.preset, dtype="bfloat16", remat="full", attention=args.attention)
+if args.layers:
+    cfg = cfg.replace(n_layers=args.layers)
 mesh = mesh_lib.make_mesh({"fsdp": args.fsdp, "context": args.context})
 # FSDP over both data-parallel-like axes: weights sharded along `embed` over (fsdp, context)
 rules = tuple((k, ("fsdp", "context")) if k == "embed" else (k, v) for k, v in rules_lib.get_rules("fsdp"))
