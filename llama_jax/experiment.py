@@ -8,8 +8,8 @@ An experiment (`experiments/NAME.py`, `get_config(arg)`) is an ml_collections Co
 
 A stage: name, kind ("pretrain"), phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum,
 loss_chunk, and optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE base or
-a different mixture); post-training kinds read their settings from `posttrain` (validated by the kind,
-`llama_jax.posttrain.stages`). Phases: [{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
+a different mixture); a kind reads its own settings from the stage's `options` (validated by the kind's
+`options` hook). Phases: [{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
 step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
 tokens reach `until_tokens` (the last phase runs to the end of the stage).
 """
@@ -27,7 +27,7 @@ from llama_jax.model import config as model_config
 from llama_jax.train.optim import OptimConfig
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
-              "data", "posttrain")
+              "data", "options")
 PHASE_KEYS = ("seq_len", "global_batch", "until_tokens")
 # (config path, minimum, what 0 means or None where 0 is not allowed)
 INTERVALS = (
@@ -54,7 +54,7 @@ def _stage_kind(name: str):
     return kinds.get(name)
 
 
-STAGE_KINDS = ("pretrain", "sft", "reward", "rejection_sampling", "dpo")  # the kinds registered today (see llama_jax.train.kinds.names())
+STAGE_KINDS = ("pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling", "dpo")  # the kinds registered today (see llama_jax.train.kinds.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,8 @@ class Stage:
     loss_chunk: int
     init_source: str
     seed: int
-    posttrain: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    # the kind's own settings (gates, averaging, post-training data), validated by the kind's `options` hook
+    options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def schedule_steps(self) -> int:
@@ -152,13 +153,13 @@ def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dic
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,
           kind: str = "pretrain", grad_accum: int = 1, loss_chunk: int = 0, model_overrides: dict | None = None,
-          data: dict | None = None, posttrain: dict | None = None) -> dict:
+          data: dict | None = None, options: dict | None = None) -> dict:
     """A stage; give its length as `steps` or `tokens` (converted to whole steps through the phases)."""
     out = dict(name=name, kind=kind, phases=list(phases), steps=int(steps), tokens=int(tokens),
                optim=dict(optim_cfg), grad_accum=grad_accum, loss_chunk=loss_chunk,
                model_overrides=dict(model_overrides or {}), data=dict(data or {}))
-    if posttrain:
-        out["posttrain"] = dict(posttrain)
+    if options:
+        out["options"] = dict(options)
     return out
 
 
@@ -307,7 +308,7 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
         st = dict(st)
         st.setdefault("kind", "pretrain")
         for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", 0),
-                             ("model_overrides", {}), ("data", {}), ("posttrain", {})):
+                             ("model_overrides", {}), ("data", {}), ("options", {})):
             st.setdefault(key, default)
         if st["kind"] not in kinds:
             raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {kinds}")
@@ -317,6 +318,10 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
             if seq_len > model_cfg.max_seq_len:
                 raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} exceeds the model's max_seq_len "
                                  f"{model_cfg.max_seq_len}")
+            cp = int(c.mesh.get("context", 1))
+            if cp > 1 and (seq_len < cp or seq_len % (2 * cp)):
+                raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} cannot be split over mesh.context={cp}: "
+                                 f"context parallelism needs a multiple of 2 x context = {2 * cp}")
         if int(st["grad_accum"]) < 1:
             raise ValueError(f"stage {st['name']!r}: grad_accum={st['grad_accum']} must be >= 1")
         if int(st["loss_chunk"]) < 0:
@@ -335,19 +340,28 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
             init_source = f"init_from:{c.init_from}"
         else:
             init_source = "scratch"
-        options = _stage_kind(st["kind"]).options(st["name"], dict(st["posttrain"]), total)
+        options = _stage_kind(st["kind"]).options(st["name"], dict(st["options"]), total)
         start_from = options.get("start_from", "")
         if start_from:
             if start_from not in names[:index]:
-                raise ValueError(f"stage {st['name']!r}: posttrain.start_from={start_from!r} is not an earlier "
+                raise ValueError(f"stage {st['name']!r}: options.start_from={start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")
             init_source = f"previous:{start_from}"
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                             total_steps=total, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
-                            init_source=init_source, seed=int(c.seed), posttrain=_freeze(options)))
+                            init_source=init_source, seed=int(c.seed), options=_freeze(options)))
+        _check_options(stages[-1])
     return stages
+
+
+def _check_options(st: Stage) -> None:
+    """Checks of a kind's options that need the resolved stage (lengths, the model); errors name the stage."""
+    from llama_jax.train import kinds  # noqa: PLC0415
+    check = getattr(kinds.get(st.kind), "check_options", None)
+    if check is not None:
+        check(st)
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

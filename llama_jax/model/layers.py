@@ -21,6 +21,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llama_jax.model import attention as attention_lib
+from llama_jax.model import context_parallel
 from llama_jax.model.config import ModelConfig, RopeScaling
 
 Array = jax.Array
@@ -130,7 +131,10 @@ class Attention(nn.Module):
         v = checkpoint_name(v, "value_proj")
 
         new_cache = None
-        if cache is None:
+        if cache is None and context_parallel.context_size() > 1 and not self.is_initializing():
+            # the mesh splits the sequence over `context`: it arrives in load-balanced order
+            out = context_parallel.context_parallel_attention(q, kk, v, segment_ids_BT, backend=cfg.attention)
+        elif cache is None:
             out = attention_lib.dot_product_attention(
                 q, kk, v, q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT, q_offset=0,
                 backend=cfg.attention)

@@ -16,27 +16,27 @@ PAPER_DPO_LR = 1e-5
 
 
 def sft_stage(name: str, dialogs: str, steps: int, seq_len: int, batch: int, lr: float = PAPER_SFT_LR,
-              warmup: int = 0, **posttrain) -> dict:
+              warmup: int = 0, **options) -> dict:
     return E.stage(name, [E.phase(seq_len, batch)], E.optim(lr, warmup, final_lr_ratio=0.1, weight_decay=0.0),
-                   steps=steps, kind="sft", posttrain=dict(dialogs=dialogs, **posttrain))
+                   steps=steps, kind="sft", options=dict(dialogs=dialogs, **options))
 
 
 def dpo_stage(name: str, preferences: str, steps: int, seq_len: int, pairs: int, lr: float = PAPER_DPO_LR,
-              warmup: int = 0, **posttrain) -> dict:
+              warmup: int = 0, **options) -> dict:
     return E.stage(name, [E.phase(seq_len, 2 * pairs)], E.optim(lr, warmup, final_lr_ratio=0.1, weight_decay=0.0),
-                   steps=steps, kind="dpo", posttrain=dict(preferences=preferences, **posttrain))
+                   steps=steps, kind="dpo", options=dict(preferences=preferences, **options))
 
 
 def reward_stage(name: str, preferences: str, steps: int, seq_len: int, records: int, lr: float = PAPER_SFT_LR,
-                 **posttrain) -> dict:
+                 **options) -> dict:
     return E.stage(name, [E.phase(seq_len, 3 * records)], E.optim(lr, 0, final_lr_ratio=0.1, weight_decay=0.0),
-                   steps=steps, kind="reward", posttrain=dict(preferences=preferences, **posttrain))
+                   steps=steps, kind="reward", options=dict(preferences=preferences, **options))
 
 
-def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **posttrain) -> dict:
+def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **options) -> dict:
     """One step at learning rate 0 (warm-up from 0): the stage samples and writes data, it trains nothing."""
     return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 1), steps=1, kind="rejection_sampling",
-                   posttrain=dict(prompts=prompts, **posttrain))
+                   options=dict(prompts=prompts, **options))
 
 
 def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10, verifier: str = "",

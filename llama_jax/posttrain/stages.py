@@ -1,6 +1,6 @@
 """Post-training stage kinds: `sft`, `reward`, `rejection_sampling`, `dpo` (registered with the shared driver).
 
-Each reads its settings from the stage's `posttrain` mapping (`experiment.stage(..., posttrain={...})`),
+Each reads its settings from the stage's `options` (`experiment.stage(..., options={...})`),
 validated by `options` when the experiment is resolved (unknown keys, missing data, bad values are errors).
 A data setting is a jsonl path, or `stage:<name>/<file>`: a file an earlier stage of the same run wrote
 (rejection sampling writes `sft.jsonl`, `preferences.jsonl`, `stats.json`), so a round's data comes from the
@@ -59,34 +59,34 @@ def _check_options(kind: str, stage: str, raw: Mapping[str, Any], defaults: Mapp
                    required: tuple[str, ...]) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(defaults))
     if unknown:
-        raise ValueError(f"stage {stage!r} ({kind}): unknown posttrain key(s) {unknown}; known: {sorted(defaults)}")
+        raise ValueError(f"stage {stage!r} ({kind}): unknown option(s) {unknown}; known: {sorted(defaults)}")
     out = dict(defaults)
     for key, value in raw.items():
         default = defaults[key]
         try:
             out[key] = type(default)(value) if not isinstance(default, bool) else bool(value)
         except (TypeError, ValueError):
-            raise ValueError(f"stage {stage!r} ({kind}): posttrain.{key}={value!r} is not a "
+            raise ValueError(f"stage {stage!r} ({kind}): options.{key}={value!r} is not a "
                              f"{type(default).__name__}") from None
     for key in required:
         if not out[key]:
-            raise ValueError(f"stage {stage!r} ({kind}): posttrain.{key} is required")
+            raise ValueError(f"stage {stage!r} ({kind}): options.{key} is required")
     for key, value in out.items():
         if isinstance(value, str) and value and key in ("dialogs", "preferences", "eval_dialogs",
                                                         "eval_preferences", "prompts", "eval_prompts"):
             for one in value.split(",") if key == "dialogs" else [value]:
                 if not one.startswith(STAGE_PREFIX) and not os.path.isfile(one):
-                    raise FileNotFoundError(f"stage {stage!r} ({kind}): posttrain.{key} {one!r} does not exist")
+                    raise FileNotFoundError(f"stage {stage!r} ({kind}): options.{key} {one!r} does not exist")
     if "truncation" in out and out["truncation"] not in data_lib.TRUNCATION:
-        raise ValueError(f"stage {stage!r} ({kind}): posttrain.truncation={out['truncation']!r}; expected one of "
+        raise ValueError(f"stage {stage!r} ({kind}): options.truncation={out['truncation']!r}; expected one of "
                          f"{data_lib.TRUNCATION}")
     if bool(out.get("eval_prompts")) != bool(out.get("verifier")) and "scorer" not in out:
-        raise ValueError(f"stage {stage!r} ({kind}): posttrain.eval_prompts and posttrain.verifier go together")
+        raise ValueError(f"stage {stage!r} ({kind}): options.eval_prompts and options.verifier go together")
     return out
 
 
 def _opts(ctx) -> dict[str, Any]:
-    return experiment.thaw(ctx.stage.posttrain)
+    return experiment.thaw(ctx.stage.options)
 
 
 def _workdir(ctx) -> str:
@@ -460,9 +460,9 @@ class RejectionSampling(kinds.StageKind):
         if out["k"] < 1 or out["max_new_tokens"] < 1 or out["batch_size"] < 1:
             raise ValueError(f"stage {stage!r} (rejection_sampling): k, max_new_tokens and batch_size must be >= 1")
         if out["scorer"] == "verifier" and not out["verifier"]:
-            raise ValueError(f"stage {stage!r} (rejection_sampling): scorer 'verifier' needs posttrain.verifier")
+            raise ValueError(f"stage {stage!r} (rejection_sampling): scorer 'verifier' needs options.verifier")
         if out["scorer"] == "reward" and not out["reward_model"]:
-            raise ValueError(f"stage {stage!r} (rejection_sampling): scorer 'reward' needs posttrain.reward_model")
+            raise ValueError(f"stage {stage!r} (rejection_sampling): scorer 'reward' needs options.reward_model")
         if out["scorer"] not in ("verifier", "reward"):
             raise ValueError(f"stage {stage!r} (rejection_sampling): scorer {out['scorer']!r}; expected 'verifier' "
                              "or 'reward'")

@@ -24,7 +24,9 @@ without it simply restart their stream at a phase change.
 
 Registered: `pretrain` (next-token loss on packed documents, evaluation on the sources' validation split,
 text samples at the end); `sft`, `reward`, `rejection_sampling`, `dpo` (`llama_jax.posttrain.stages`, settings
-in the stage's `posttrain` mapping, validated by the kind's `options`).
+in the stage's `options`, validated by the kind's `options` hook); `long_context` and `anneal`
+(llama_jax.train.long_context: gates at the end of an extension stage; checkpoint averaging at the end of
+annealing).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class StageContext:
     data_cfg: dict
     to_device: Callable[[Mapping[str, Any]], dict]
     eval_step: Callable[[int, int], Callable]  # (seq_len, global_batch) -> compiled (params, batch) -> (sum, n)
+    workdir: str = ""  # the run's workdir (kinds that read an earlier stage's results)
 
 
 class StageKind:
@@ -62,10 +65,10 @@ class StageKind:
     name: str = ""
 
     def options(self, stage: str, raw: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
-        """The stage's validated `posttrain` settings (defaults filled in); kinds without settings refuse any."""
+        """The stage's validated `options` (defaults filled in); kinds without settings refuse any."""
         del total_steps
         if raw:
-            raise ValueError(f"stage {stage!r}: kind {self.name!r} takes no posttrain settings, got {sorted(raw)}")
+            raise ValueError(f"stage {stage!r}: kind {self.name!r} takes no options, got {sorted(raw)}")
         return {}
 
     def train_iterator(self, ctx: StageContext, phase: int, start_documents: Mapping[str, int]) -> Iterator:
@@ -152,4 +155,5 @@ def text_samples(ctx: StageContext, state) -> list[str]:
 
 register(Pretrain())
 
+from llama_jax.train import long_context  # noqa: E402,F401 - registers `long_context` and `anneal`
 from llama_jax.posttrain import stages as _posttrain_stages  # noqa: E402,F401 - registers the post-training kinds

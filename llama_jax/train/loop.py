@@ -52,6 +52,7 @@ from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus as corpus_lib
 from llama_jax.data import pipeline
 from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.model import context_parallel
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
@@ -282,7 +283,7 @@ class StageRun:
         self.kind = kinds_lib.get(stage.kind)
         self.ctx = kinds_lib.StageContext(stage=stage, config=c, tokenizer=tokenizer, mesh=mesh, rules=rules,
                                           writer=writer, data_cfg=data_cfg, to_device=self.to_device,
-                                          eval_step=self._eval_step)
+                                          eval_step=self._eval_step, workdir=workdir)
         self.stream = StageStream(self.kind, self.ctx)
         ck = c.checkpoint
         self.ckpts = ckpt_lib.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=ck.keep,
@@ -294,6 +295,8 @@ class StageRun:
     # ----------------------------------------------------------------------------------------- parts
 
     def to_device(self, batch_np):
+        # a context axis > 1 splits the sequence into load-balanced chunks (llama_jax.model.context_parallel)
+        batch_np = context_parallel.permute_batch(batch_np, self.mesh.shape["context"])
         return batch_lib.make_global_batch(batch_np, mesh_lib.data_sharding(self.mesh))
 
     def compiled_step(self, phase: int, loss_fn=None, key: Any = None):

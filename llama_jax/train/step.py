@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from llama_jax.data.batch import BATCH_KEYS, device_keys, make_global_batch  # noqa: F401 - the batch contract
-from llama_jax.model import transformer
+from llama_jax.model import context_parallel, transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
@@ -183,9 +183,7 @@ def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum
         raise ValueError(f"global batch size {b} is not divisible by data x fsdp = {div} devices"
                          + (f" times grad_accum={grad_accum}" if grad_accum > 1 else "")
                          + f" of mesh {dict(mesh.shape)}")
-    if length % mesh.shape["context"]:
-        raise ValueError(f"sequence length {length} is not divisible by the context axis "
-                         f"({mesh.shape['context']}) of mesh {dict(mesh.shape)}")
+    context_parallel.check_length(length, mesh.shape["context"])
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainState,

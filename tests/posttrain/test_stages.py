@@ -43,9 +43,9 @@ def test_sft_packed_batch_equals_dialogs_one_by_one(tok, tiny_cfg):
     np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-5)
 
 
-def _ctx(cfg, tok, **posttrain):
-    options = stages.DPO().options("dpo", {"preferences": "stage:rs/preferences.jsonl", **posttrain}, 1)
-    stage = types.SimpleNamespace(model=cfg, posttrain=options, name="dpo")
+def _ctx(cfg, tok, **opts):
+    options = stages.DPO().options("dpo", {"preferences": "stage:rs/preferences.jsonl", **opts}, 1)
+    stage = types.SimpleNamespace(model=cfg, options=options, name="dpo")
     return types.SimpleNamespace(stage=stage, tokenizer=tok)
 
 
@@ -110,15 +110,15 @@ def test_rejection_sampling_keeps_the_argmax_under_a_verifier():
 
 
 def test_posttrain_settings_are_checked(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown posttrain key\(s\) \['betta'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['betta'\]"):
         stages.DPO().options("d", {"preferences": "stage:rs/p.jsonl", "betta": 0.1}, 4)
-    with pytest.raises(ValueError, match="posttrain.preferences is required"):
+    with pytest.raises(ValueError, match="options.preferences is required"):
         stages.DPO().options("d", {}, 4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stages.SFT().options("s", {"dialogs": str(tmp_path / "none.jsonl")}, 4)
     with pytest.raises(ValueError, match="give it steps=1"):
         stages.RejectionSampling().options("r", {"prompts": "stage:x/y", "verifier": "a:b"}, 3)
-    with pytest.raises(ValueError, match="takes no posttrain settings"):
+    with pytest.raises(ValueError, match="takes no options"):
         from llama_jax.train import kinds
         kinds.get("pretrain").options("p", {"beta": 1}, 3)
 
@@ -143,16 +143,16 @@ def _driver_config(tok_path, tmp_path):
                 eval_max_new_tokens=4)
     c.stages = [
         experiment.stage("sft", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
-                         posttrain=dict(dialogs=paths["sft"], **task)),
+                         options=dict(dialogs=paths["sft"], **task)),
         experiment.stage("rm", [experiment.phase(64, 24)], opt, steps=2, kind="reward",
-                         posttrain=dict(preferences=prefs)),
+                         options=dict(preferences=prefs)),
         experiment.stage("rs", [experiment.phase(64, 8)], opt, steps=1, kind="rejection_sampling",
-                         posttrain=dict(prompts=paths["prompts"], k=3, scorer="reward", reward_model="stage:rm",
+                         options=dict(prompts=paths["prompts"], k=3, scorer="reward", reward_model="stage:rm",
                                         max_new_tokens=6, start_from="sft")),
         experiment.stage("sft2", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
-                         posttrain=dict(dialogs="stage:rs/sft.jsonl")),
+                         options=dict(dialogs="stage:rs/sft.jsonl")),
         experiment.stage("dpo", [experiment.phase(64, 16)], opt, steps=2, kind="dpo",
-                         posttrain=dict(preferences="stage:rs/preferences.jsonl")),
+                         options=dict(preferences="stage:rs/preferences.jsonl")),
     ]
     return c
 

@@ -1,0 +1,93 @@
+"""Long-context extension with gates, then annealing with checkpoint averaging (Llama 3 sections 3.4.2-3.4.3).
+
+Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
+
+* `tiny` — the `tiny` model (max length 2048, 3.1 RoPE scaling with original length 256) on the embedded
+  corpus: `pretrain` at 256 tokens, `long_context` stages at 512 -> 1024 -> 2048 with tokens per batch constant
+  (16 x 256 = 8 x 512 = 4 x 1024 = 2 x 2048), then `anneal` at 2048 (LR linear to 0, prose upsampled from 0.3 to
+  0.7, the last 3 checkpoints averaged into the final model).
+      python -m llama_jax.main --config=experiments/long_context.py:tiny --workdir=/tmp/llama_long
+  Each long_context stage gates on the validation loss at 256 tokens (within `tol` of the previous stage) and
+  on passkey accuracy at its length (>= `needle`; a 1.8M-parameter model trained for minutes does not solve the
+  passkey task, so the tiny default threshold is 0.0 and the heat maps record the measured accuracy).
+  Knobs: steps (pretrain steps; each later stage runs steps/4), lr, tol, needle, context (mesh.context: 1, 2 or 4
+  work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
+* `paper` — Llama 3.1 8B: the 8K pretraining is `experiments/pretrain.py:llama3.1-8b` (give its checkpoints as
+  `init_from`); here six long_context stages 8K -> 16K -> 32K -> 64K -> 96K -> 128K (the paper gives six stages
+  and ~800B tokens, not the lengths: these are a choice), 4M tokens per batch throughout (batch 256 x 16K ...
+  32 x 128K), about 133B tokens per stage, context parallelism 8 x FSDP, blockwise attention, full remat, the
+  chunked loss; each stage gated by short-context (8K) loss recovery (tolerance 0.02) and perfect needle
+  retrieval (threshold 1.0); then `anneal` over 40M tokens at 128K (LR linear 0, high-quality upsampled; point
+  `data.sources` at your corpus) averaging the last 5 checkpoints. Hardware: 64+ H100s; not run here.
+"""
+
+from llama_jax import experiment as E
+
+_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context")
+
+
+def _tiny(a):
+    c = E.base_config()
+    c.data.sources = [
+        dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
+        dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.3),
+    ]
+    c.model.preset = "tiny"
+    c.model.attention = "auto"
+    c.sharding_rules = "dp"
+    c.mesh.update(data=-1, context=a.context)
+    c.sample.max_new_tokens = 0
+    c.eval.update(every_steps=0, batches=2)
+    c.checkpoint.update(every_steps=max(a.steps // 16, 1), keep=4, async_save=False)
+    later = max(a.steps // 4, 4)
+    tokens_per_batch = 16 * 256
+    stages = [E.stage("pretrain", [E.phase(256, 16)], E.optim(a.lr, 30, final_lr_ratio=0.1), steps=a.steps)]
+    gates = dict(short_seq_len=256, short_tolerance=a.tol, needle_threshold=a.needle, needle_trials=2,
+                 needle_depths=[0.0, 0.5, 1.0])
+    for length in (512, 1024, 2048):
+        stages.append(E.stage(f"long_{length}", [E.phase(length, tokens_per_batch // length)],
+                              E.optim(a.lr / 3, 5, final_lr_ratio=0.1), steps=later, kind="long_context",
+                              options=gates))
+    stages.append(E.stage("anneal", [E.phase(2048, 2)], E.optim(a.lr / 3, 0, decay="linear", final_lr_ratio=0.0),
+                          steps=later, kind="anneal", options=dict(average_last=3),
+                          data=dict(sources=[dict(name="stdlib_code", kind="corpus", path="code", weight=0.3),
+                                             dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.7)])))
+    c.stages = stages
+    return c
+
+
+def _paper():
+    c = E.base_config()
+    c.data.sources = [dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
+                      dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.3)]
+    c.model.preset = "llama3.1-8b"
+    c.model.update(dtype="bfloat16", remat="full", attention="auto")
+    c.mesh.update(data=1, fsdp=-1, context=8)
+    c.sharding_rules = "fsdp"
+    c.checkpoint.update(every_steps=500, keep_every=5000)
+    c.eval.every_steps = 1000
+    tokens_per_batch = 4 * 2 ** 20
+    gates = dict(short_seq_len=8192, short_tolerance=0.02, needle_threshold=1.0, needle_trials=8)
+    stages = []
+    for length in (16_384, 32_768, 65_536, 98_304, 131_072):
+        stages.append(E.stage(f"long_{length // 1024}k", [E.phase(length, tokens_per_batch // length)],
+                              E.optim(3e-5, 100, final_lr_ratio=1.0), tokens=int(133e9), kind="long_context",
+                              loss_chunk=4096, options=dict(gates, needle_lengths=[length])))
+    # the sixth stage: the full 128K length again until the gates pass (the paper's "until recovered")
+    stages.append(E.stage("long_128k_b", [E.phase(131_072, 32)], E.optim(3e-5, 0, final_lr_ratio=1.0),
+                          tokens=int(135e9), kind="long_context", loss_chunk=4096,
+                          options=dict(gates, needle_lengths=[131_072])))
+    stages.append(E.stage("anneal", [E.phase(131_072, 32)], E.optim(3e-5, 0, decay="linear", final_lr_ratio=0.0),
+                          tokens=int(40e6), kind="anneal", loss_chunk=4096, options=dict(average_last=5)))
+    c.stages = stages
+    return c
+
+
+def get_config(arg: str | None = None):
+    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1)
+    E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else ())
+    if a.variant == "tiny":
+        return _tiny(a)
+    if a.variant == "paper":
+        return _paper()
+    raise ValueError(f"unknown variant {a.variant!r} of experiments/long_context.py; known: tiny, paper")
