@@ -4,7 +4,10 @@ run metadata, written atomically (Orbax writes to a temporary directory and rena
 Layout: `<stage_dir>/checkpoints/<step>/{state,data,meta}`.
   * state: the TrainState (params, optimizer state, step, skipped), restored onto any mesh by giving the target
     shardings (Orbax reshards on read);
-  * data: the grain iterator state (JSON), so a resumed run continues with exactly the next batch;
+  * data: the data-iterator state (JSON), so a resumed run continues with exactly the next batch: for a
+    `data.hosts.ShardedTrainIterator` the state of every logical data shard, gathered from all processes, so a
+    restart with another process count resumes the same stream; for a plain grain iterator, grain's per-process
+    files;
   * meta: JSON (phase index, tokens seen, skipped data windows, ...).
 Retention: keep the last `keep` checkpoints plus every `keep_every`-th step. A checkpoint that fails to restore
 (corrupted or partially deleted after it was committed) is moved aside to `<step>.corrupt` and the previous
@@ -21,6 +24,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from llama_jax.data import hosts
 
 
 class StageCheckpoints:
@@ -47,10 +52,12 @@ class StageCheckpoints:
     def save(self, step: int, state: Any, iterator: Any | None, meta: dict, force: bool = False) -> bool:
         """Starts an (async) save of `state`, the iterator position and `meta` at `step`."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(iterator)
         if step in self._manager.all_steps():
             return False
+        if isinstance(iterator, hosts.ShardedTrainIterator):
+            items["data"] = ocp.args.JsonSave(iterator.global_state())  # a collective: every process saves
+        elif iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def delete(self, step: int) -> None:
@@ -63,9 +70,13 @@ class StageCheckpoints:
         """Restores step `step` onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding);
         sets `iterator` to the saved position. Returns (state, meta)."""
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if iterator is not None:
+        if isinstance(iterator, hosts.ShardedTrainIterator):
+            items["data"] = ocp.args.JsonRestore()
+        elif iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if isinstance(iterator, hosts.ShardedTrainIterator):
+            iterator.set_state(restored["data"])
         return restored["state"], dict(restored["meta"] or {})
 
     def read_meta(self, step: int) -> dict:
@@ -83,6 +94,8 @@ class StageCheckpoints:
                 iterator = iterator_factory(self.read_meta(step))
                 state, meta = self.restore(step, abstract_state, iterator)
                 return step, state, iterator, meta
+            except hosts.ReshardError:  # the checkpoint is fine; this process count cannot split its data
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 logging.warning("checkpoint %s/%d could not be restored (%s: %s); falling back to the previous one",
                                 self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])

@@ -35,6 +35,7 @@ from absl import logging
 
 from llama_jax import experiment
 from llama_jax.data import corpus as corpus_lib
+from llama_jax.data import hosts
 from llama_jax.data import pipeline
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.model.config import ModelConfig
@@ -153,7 +154,8 @@ class StageRunner:
     def make_iterator(self, phase: int):
         _, seq_len, batch = self.phases[phase]
         seed = (int(self.c.seed) * 1_000_003 + self.index * 1009 + phase) % (2 ** 31)
-        return pipeline.make_train_iterator(self.data_cfg, self.tokenizer, seq_len, batch, seed)
+        return hosts.make_train_iterator(self.data_cfg, self.tokenizer, seq_len, batch, seed,
+                                         num_shards=int(self.data_cfg.get("host_shards", 0) or 0))
 
     def compiled_step(self, phase: int, poisoned: bool = False):
         key = (phase, int(poisoned))
