@@ -6,6 +6,10 @@ Terms, in bytes per device (the largest training phase of a stage):
     vocabulary over tensor);
   * gradients: one float32 copy sharded like the parameters (plus the float32 accumulator with grad_accum > 1);
   * optimizer: AdamW's two moments, sharded like the parameters;
+  * update: the optimizer step's temporaries, two parameter-sized float32 buffers (the new moments are built
+    beside the old ones, which the step keeps until it knows the update is finite and not skipped);
+  * gathered: FSDP's working set, for weights split over `fsdp`: the all-gathered float32 weight (and its cast
+    to the compute dtype) for the embedding / head and for one layer at a time;
   * activations: what the backward pass keeps from the forward pass, read from JAX itself
     (`saved_residuals` of the real loss on this device's slice of the batch: batch / (data x fsdp x grad_accum)
     rows, length / context, heads / FFN / vocabulary / tensor), so the remat policy and the attention backend
@@ -40,7 +44,7 @@ from llama_jax.train.optim import OptimConfig
 GIB = 1024 ** 3
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024 ** 2,
           "gib": GIB, "tib": 1024 ** 4}
-TERMS = ("params", "gradients", "optimizer", "activations")
+TERMS = ("params", "gradients", "optimizer", "update", "gathered", "activations")
 
 
 def parse_bytes(text: str) -> int:
@@ -110,24 +114,45 @@ def _rule_size(w: Workload, name: str) -> int:
     return _axes_size(w.mesh, dict(rules_lib.get_rules(w.rules)).get(name))
 
 
-def param_bytes_per_device(w: Workload) -> int:
-    """float32 master parameters on one device, each tensor divided by the mesh axes it is sharded over."""
+def _param_splits(w: Workload):
+    """(bytes, split over all axes, split over the axes other than fsdp, layer-stacked?) per parameter tensor."""
     rules = rules_lib.get_rules(w.rules)
     specs = transformer.param_logical_specs(w.model)
     shapes = transformer.param_shapes(w.model)
-    total = 0
+    out = []
     for spec, shape in zip(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                            jax.tree.leaves(shapes)):
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-        split = 1
+        split = other = 1
         for dim, axes in zip(shape.shape, mesh_spec):
             size = _axes_size(w.mesh, axes)
             if dim % size:
                 raise ValueError(f"a parameter of shape {shape.shape} cannot be sharded: dimension {dim} is not "
                                  f"divisible by mesh axes {axes} (size {size}) of mesh {dict(w.mesh)}")
             split *= size
-        total += shape.size * jnp.dtype(shape.dtype).itemsize // split
-    return total
+            axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+            other *= _axes_size(w.mesh, tuple(a for a in axes if a != "fsdp") or None)
+        out.append((shape.size * jnp.dtype(shape.dtype).itemsize, split, other, "layers" in tuple(spec)))
+    return out
+
+
+def param_bytes_per_device(w: Workload) -> int:
+    """float32 master parameters on one device, each tensor divided by the mesh axes it is sharded over."""
+    return sum(size // split for size, split, _, _ in _param_splits(w))
+
+
+def gathered_bytes_per_device(w: Workload) -> int:
+    """FSDP's working set: a weight split over `fsdp` is all-gathered before use; with a compute dtype other
+    than the parameters' a cast copy is made too. Counted for the embedding / head (used outside the layer loop)
+    and for one layer at a time."""
+    per_byte = 1 + (jnp.dtype(w.model.dtype).itemsize / jnp.dtype(w.model.param_dtype).itemsize
+                    if w.model.dtype != w.model.param_dtype else 0)
+    total = 0.0
+    for size, split, other, stacked in _param_splits(w):
+        if split == other:  # not split over fsdp: nothing to gather
+            continue
+        total += per_byte * size / other / (w.model.n_layers if stacked else 1)
+    return int(total)
 
 
 def local_workload(w: Workload, platform: str = "cpu") -> tuple[ModelConfig, int, int]:
@@ -172,6 +197,8 @@ class Plan:
     params: int
     gradients: int
     optimizer: int
+    update: int
+    gathered: int
     activations: int
     flops_per_step: float
     peak_flops: float
@@ -181,7 +208,7 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return self.params + self.gradients + self.optimizer + self.activations
+        return sum(getattr(self, t) for t in TERMS)
 
     @property
     def seconds_per_step(self) -> float:
@@ -197,7 +224,7 @@ class Plan:
 
     def advice(self) -> str:
         w = self.workload
-        if self.biggest in ("params", "gradients", "optimizer"):
+        if self.biggest in ("params", "gradients", "optimizer", "update", "gathered"):
             return (f"shard the weights over more devices: rules {w.rules!r} with mesh {dict(w.mesh)}; raise "
                     "mesh.fsdp (sharding_rules='fsdp'), add tensor parallelism (mesh.tensor, 'fsdp_tp'), or use "
                     "more devices")
@@ -264,7 +291,8 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
     notes = [] if local.attention == w.model.attention else [
         f"attention 'auto' planned as {local.attention!r} (the {platform} choice)"]
     return Plan(workload=dataclasses.replace(w, model=w.model.replace(attention=local.attention)), params=p,
-                gradients=gradients, optimizer=optimizer, activations=saved + working,
+                gradients=gradients, optimizer=optimizer, update=2 * p, gathered=gathered_bytes_per_device(w),
+                activations=saved + working,
                 flops_per_step=w.model.flops_per_token(w.seq_len) * w.tokens_per_step, peak_flops=peak_flops,
                 mfu=mfu, device_memory=device_memory, notes=tuple(notes))
 
