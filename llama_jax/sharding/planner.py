@@ -300,6 +300,11 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
 def compile_train_step(c: Any, w: Workload):
     """The real train step of `w`, compiled ahead of time on abstract shapes over the current devices (no
     array is allocated). Returns the `jax.stages.Compiled`."""
+    return lower_train_step(c, w).compile()
+
+
+def lower_train_step(c: Any, w: Workload):
+    """The real train step of `w` lowered on abstract shapes (`jax.stages.Lowered`; see compile_train_step)."""
     from llama_jax.train import step as step_lib  # noqa: PLC0415
 
     devices = jax.devices()
@@ -318,7 +323,7 @@ def compile_train_step(c: Any, w: Workload):
              for k in step_lib.BATCH_KEYS}
     step_lib.check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, w.grad_accum)
     with jax.set_mesh(mesh):
-        return step.lower(abstract, batch).compile()
+        return step.lower(abstract, batch)
 
 
 def compiled_bytes_per_device(compiled) -> int:
