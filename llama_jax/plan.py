@@ -12,6 +12,7 @@ CPU backend, the one compiled). --json prints one JSON object with `planned_byte
 `llama_jax/sharding/planner.py` for what each term counts.
 """
 
+import dataclasses
 import json
 import time
 
@@ -28,6 +29,8 @@ _COMPILE = flags.DEFINE_bool("compile", False, "Compile the train step on --devi
                              "print XLA's memory analysis beside the plan.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 _STAGE = flags.DEFINE_string("stage", None, "Stage to plan (default: the first).")
+_GRAD_ACCUM = flags.DEFINE_integer("grad_accum", 0, "Plan with this many micro-batches per step instead of the "
+                                   "stage's grad_accum (0 = the stage's).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilization assumed for the time estimate.")
 _PEAK = flags.DEFINE_float("peak_flops", 989e12, "Peak dense FLOP/s per device for the time estimate.")
 _PLATFORM = flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu", "cpu"], "Platform that resolves attention='auto' "
@@ -52,13 +55,17 @@ def main():
     devices = _DEVICES.value or jax.device_count()
     memory = planner.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
     workload = planner.workload_from_config(_CONFIG.value, devices, _STAGE.value)
+    if _GRAD_ACCUM.value < 0:
+        raise ValueError(f"--grad_accum={_GRAD_ACCUM.value} must be >= 0")
+    if _GRAD_ACCUM.value:
+        workload = dataclasses.replace(workload, grad_accum=_GRAD_ACCUM.value)
     platform = "cpu" if _COMPILE.value else _PLATFORM.value
     p = planner.plan(workload, device_memory=memory, peak_flops=_PEAK.value, mfu=_MFU.value, platform=platform)
     out = p.as_dict()
     text = p.report()
     if _COMPILE.value:
         t0 = time.perf_counter()
-        compiled = planner.compile_train_step(_CONFIG.value, p.workload)
+        compiled = planner.compile_train_step(_CONFIG.value, dataclasses.replace(p.workload, model=workload.model))
         seconds = time.perf_counter() - t0
         got = planner.compiled_bytes_per_device(compiled)
         out.update(compiled_bytes_per_device=got, compile_seconds=seconds,

@@ -280,10 +280,13 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
     optimizer = 2 * p
     gradients = p * (2 if w.grad_accum > 1 else 1)
     local, rows, length = local_workload(w, platform)
-    saved = saved_activation_bytes(local, rows, length, w.loss_chunk)
+    # cuDNN / splash flash attention cannot be traced off their hardware; xla_chunked is the same algorithm with
+    # the same residuals (q, k, v, the output and the softmax statistics), so it stands in for them here.
+    traced = local.replace(attention="xla_chunked") if local.attention in ("cudnn", "splash") else local
+    saved = saved_activation_bytes(traced, rows, length, w.loss_chunk)
     working = 0
     if local.remat != "none":  # the backward pass recomputes one layer's full activations at a time
-        plain = local.replace(remat="none")
+        plain = traced.replace(remat="none")
         working += (saved_activation_bytes(plain.replace(n_layers=2), rows, length, w.loss_chunk)
                     - saved_activation_bytes(plain.replace(n_layers=1), rows, length, w.loss_chunk))
     logit_rows = min(w.loss_chunk, length) if w.loss_chunk > 0 else length

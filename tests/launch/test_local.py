@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -77,9 +78,14 @@ def reference(data_cache, tmp_path_factory):
 
 
 def _assert_params_close(actual, expected):
+    """Equal up to the summation order of the all-reduce: gloo across processes vs XLA within one. Adam turns a
+    near-zero gradient into an update of about the learning rate whatever its size, so a handful of weights
+    may differ by ~1e-5 after a few steps; every other weight agrees to 1e-6."""
+    expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     for path, a in jax.tree_util.tree_flatten_with_path(actual)[0]:
-        e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])[path]
-        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        e = expected[path]
+        np.testing.assert_allclose(a, e, rtol=0, atol=3e-5, err_msg=jax.tree_util.keystr(path))
+        assert np.mean(np.abs(a - e) > 1e-6) < 1e-4, jax.tree_util.keystr(path)
 
 
 def test_two_processes_match_one_process(data_cache, reference, tmp_path):
@@ -108,34 +114,45 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stop(proc: subprocess.Popen, pids: dict) -> None:
+    """Leaves nothing running if the test fails midway: the launcher stops its processes on SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in pids.values():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def test_killing_one_process_stops_the_job_and_a_rerun_on_other_processes_resumes(data_cache, reference, tmp_path):
     workdir = tmp_path / "run_killed"
     ckpts = workdir / "stages" / "pretrain" / "checkpoints"
-    # Checkpoints every step and a longer debug stop would race less; the kill only needs to land before the end,
-    # so the run is slowed by nothing but its own synchronous checkpoints.
     proc = subprocess.Popen(_launch_cmd(workdir, data_cache, **{"checkpoint.every_steps": 1}), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pids, out = {}, []
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    pids: dict[int, int] = {}
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while len(pids) < 2:
-            line = proc.stdout.readline()
-            out.append(line)
+        while not (ckpts / "2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for line in list(out):
             m = re.match(r"\[launch\] process (\d+)/2: pid (\d+)", line)
             if m:
                 pids[int(m.group(1))] = int(m.group(2))
-        os.set_blocking(proc.stdout.fileno(), False)
-        while not (ckpts / "2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            out.append(proc.stdout.read() or "")
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed:\n" + "".join(out)[-3000:]
+        assert proc.poll() is None and len(pids) == 2, "the run ended before it was killed:\n" + "".join(out)[-3000:]
         os.kill(pids[1], signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out.append(proc.stdout.read() or "")
+        _stop(proc, pids)
+    reader.join(timeout=10)
     text = "".join(out)
     assert proc.returncode != 0, text[-3000:]
     assert "[launch] process 1 exited with status -9: stopping the others" in text, text[-3000:]
