@@ -8,7 +8,7 @@ Where the process learns its place:
   * `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`: explicit,
     used by `launch/local.py` and the Kubernetes JobSet manifest (process id = the pod's completion index);
   * otherwise JAX's own cluster detection: SLURM (`srun`), Cloud TPU VMs, Open MPI.
-On CPU the cross-process collectives use gloo (`jax_cpu_collectives_implementation`), so a multi-process job
+Processes other than 0 log warnings and errors only. On CPU the cross-process collectives use gloo (`jax_cpu_collectives_implementation`), so a multi-process job
 runs on one laptop exactly as it would on several GPU hosts.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+from absl import logging
 
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -50,3 +51,5 @@ def initialize(initialization_timeout_s: int = 300) -> None:
     jax.distributed.initialize(coordinator_address=os.environ.get(ENV_ADDRESS) or None,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=initialization_timeout_s)
+    if jax.process_index() != 0:  # process 0 tells the story; the others report only warnings and errors
+        logging.set_verbosity(logging.WARNING)

@@ -94,7 +94,11 @@ def test_two_processes_match_one_process(data_cache, reference, tmp_path):
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:]
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("[1] ") for line in lines) and lines[-1] == "[launch] job succeeded"
+    assert lines[-1] == "[launch] job succeeded"
+    # One story on the console: process 0 logs and shows progress, process 1 only warnings and errors.
+    assert any(line.startswith("[0] ") and "stage 'pretrain' finished" in line for line in lines)
+    assert any(line.startswith("[0] [pretrain] step") for line in lines)
+    assert not any(line.startswith("[1] ") and ("finished" in line or "[pretrain] step" in line) for line in lines)
     ref_losses, ref_params = reference
     losses = _losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1)) and losses[1] > losses[STEPS]
