@@ -26,19 +26,19 @@ ARG = f"tiny,steps={STEPS},batch=8,seq_len=32,warmup=2,layers=2"
 TIMEOUT_S = 240  # a bound on each multi-process run (compilation included), never a performance check
 
 
-def _overrides(data_cache: str) -> dict:
-    return {"data.cache_dir": data_cache, "data.host_shards": 2, "checkpoint.every_steps": 2,
+def _overrides(embedded_data_cache: str) -> dict:
+    return {"data.cache_dir": embedded_data_cache, "data.host_shards": 2, "checkpoint.every_steps": 2,
             "checkpoint.async_save": False, "eval.batches": 0, "eval.every_steps": 0,
             "sample.max_new_tokens": 0, "log_every_steps": 1}
 
 
-def _config(data_cache: str, **extra):
+def _config(embedded_data_cache: str, **extra):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pretrain", REPO / "experiments/pretrain.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(ARG)
-    for key, value in {**_overrides(data_cache), **extra}.items():
+    for key, value in {**_overrides(embedded_data_cache), **extra}.items():
         node = c
         *path, last = key.split(".")
         for p in path:
@@ -47,8 +47,8 @@ def _config(data_cache: str, **extra):
     return c
 
 
-def _launch_cmd(workdir, data_cache, processes=2, devices=4, **extra) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in {**_overrides(data_cache), **extra}.items()]
+def _launch_cmd(workdir, embedded_data_cache, processes=2, devices=4, **extra) -> list[str]:
+    flags = [f"--config.{k}={v}" for k, v in {**_overrides(embedded_data_cache), **extra}.items()]
     return [sys.executable, str(REPO / "launch/local.py"), f"--processes={processes}",
             f"--devices_per_process={devices}", "--grace_s=5", "--",
             f"--config={REPO / 'experiments/pretrain.py'}:{ARG}", f"--workdir={workdir}", *flags]
@@ -70,10 +70,10 @@ def _params(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(data_cache, tmp_path_factory):
+def reference(embedded_data_cache, tmp_path_factory):
     """The uninterrupted 1-process, 8-device run (in this process: conftest's 8 CPU devices)."""
     workdir = tmp_path_factory.mktemp("ref_1x8")
-    loop.run_experiment(_config(data_cache), str(workdir))
+    loop.run_experiment(_config(embedded_data_cache), str(workdir))
     return _losses(workdir), _params(workdir)
 
 
@@ -88,9 +88,9 @@ def _assert_params_close(actual, expected):
         assert np.mean(np.abs(a - e) > 1e-6) < 1e-4, jax.tree_util.keystr(path)
 
 
-def test_two_processes_match_one_process(data_cache, reference, tmp_path):
+def test_two_processes_match_one_process(embedded_data_cache, reference, tmp_path):
     workdir = tmp_path / "run_2x4"
-    proc = subprocess.run(_launch_cmd(workdir, data_cache), env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(_launch_cmd(workdir, embedded_data_cache), env=_env(), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:]
     lines = proc.stdout.splitlines()
@@ -134,10 +134,10 @@ def _stop(proc: subprocess.Popen, pids: dict) -> None:
             pass
 
 
-def test_killing_one_process_stops_the_job_and_a_rerun_on_other_processes_resumes(data_cache, reference, tmp_path):
+def test_killing_one_process_stops_the_job_and_a_rerun_on_other_processes_resumes(embedded_data_cache, reference, tmp_path):
     workdir = tmp_path / "run_killed"
     ckpts = workdir / "stages" / "pretrain" / "checkpoints"
-    proc = subprocess.Popen(_launch_cmd(workdir, data_cache, **{"checkpoint.every_steps": 1}), env=_env(),
+    proc = subprocess.Popen(_launch_cmd(workdir, embedded_data_cache, **{"checkpoint.every_steps": 1}), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -164,7 +164,7 @@ def test_killing_one_process_stops_the_job_and_a_rerun_on_other_processes_resume
     saved = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     assert 2 <= saved < STEPS
     # Rerun on 1 process x 8 devices: resumes the 2-process checkpoint (state resharded, both data shards).
-    results = loop.run_experiment(_config(data_cache), str(workdir))
+    results = loop.run_experiment(_config(embedded_data_cache), str(workdir))
     assert results["pretrain"]["step"] == STEPS
     ref_losses, ref_params = reference
     losses = _losses(workdir)

@@ -16,12 +16,13 @@ def test_notebooks_are_found():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path, embedded_data_cache):
     book = nbformat.read(path, as_version=4)
     assert book.cells[1].cell_type == "code" and "pip" in book.cells[1].source  # the first code cell installs
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     monkeypatch.setenv("NOTEBOOK_STEPS", "20")
+    monkeypatch.setenv("NOTEBOOK_DATA_CACHE", embedded_data_cache)  # the corpus and tokenizer, built once
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(REPO)}})
