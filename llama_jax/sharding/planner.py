@@ -39,7 +39,6 @@ from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
-from llama_jax.train.optim import OptimConfig
 
 GIB = 1024 ** 3
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024 ** 2,
@@ -87,20 +86,23 @@ class Workload:
         return self.seq_len * self.global_batch
 
 
+def stage_of(c: Any, stage: str | None = None) -> experiment.Stage:
+    """The typed stage named `stage` of the experiment (`experiment.resolve`; default: the first stage)."""
+    stages = experiment.resolve(c)
+    found = [st for st in stages if stage in (None, st.name)]
+    if not found:
+        raise ValueError(f"no stage named {stage!r}; stages: {[st.name for st in stages]}")
+    return found[0]
+
+
 def workload_from_config(c: Any, devices: int, stage: str | None = None) -> Workload:
     """The phase of `stage` (default: the first stage) with the most tokens per step, on `devices` devices."""
-    experiment.validate(c)
-    stages = [st for st in c.stages if stage in (None, st["name"])]
-    if not stages:
-        raise ValueError(f"no stage named {stage!r}; stages: {[st['name'] for st in c.stages]}")
-    st = stages[0]
-    _, phases = experiment.stage_steps(st)
-    _, seq_len, batch = max(phases, key=lambda p: (p[1] * p[2], p[1]))
+    st = stage_of(c, stage)
+    p = max(st.phases, key=lambda p: (p.tokens_per_step, p.seq_len))
     sizes = mesh_lib.resolve_mesh_shape(c.mesh.to_dict(), devices)
     rules_lib.get_rules(c.sharding_rules)
-    return Workload(model=experiment.resolve_model(c, st), mesh=sizes, rules=c.sharding_rules, seq_len=seq_len,
-                    global_batch=batch, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
-                    stage=st["name"])
+    return Workload(model=st.model, mesh=sizes, rules=c.sharding_rules, seq_len=p.seq_len,
+                    global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name)
 
 
 def _axes_size(mesh: Mapping[str, int], axes) -> int:
@@ -315,9 +317,7 @@ def lower_train_step(c: Any, w: Workload):
         raise ValueError(f"the plan is for {w.devices} devices but JAX has {len(devices)}")
     mesh = mesh_lib.make_mesh(dict(w.mesh), devices)
     rules = rules_lib.get_rules(w.rules)
-    st = next(s for s in c.stages if s["name"] == w.stage)
-    total = max(experiment.stage_steps(st)[0], int(st["optim"]["warmup_steps"]))
-    optim_cfg = OptimConfig.from_dict({**dict(st["optim"]), "total_steps": total})
+    optim_cfg = stage_of(c, w.stage).optim  # the driver's optimizer config of the stage
     abstract = step_lib.abstract_train_state(w.model, optim_cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=w.loss_chunk)
