@@ -93,7 +93,7 @@ def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path):
     ctx = kinds.StageContext(stage=stage, config=c, tokenizer=tok, mesh=None, rules=None, writer=None,
                              data_cfg=data_cfg, to_device=None, eval_step=None)
     stream = loop.StageStream(Recording(), ctx)
-    stream.open(0, [0, 0])
+    stream.open(0, num_shards=1)
     for step in range(8):
         batch = stream.next(step)
         assert set(batch) == set(batch_lib.BATCH_KEYS)
