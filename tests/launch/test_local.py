@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import loop
 from llama_jax.train import metrics as metrics_lib
 
@@ -66,7 +65,8 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _params(workdir):
-    return jax.device_get(ckpt_lib.load_workdir(str(workdir))[1])
+    from llama_jax.interop import checkpoints  # noqa: PLC0415
+    return jax.device_get(checkpoints.load(str(workdir))[1])
 
 
 @pytest.fixture(scope="module")

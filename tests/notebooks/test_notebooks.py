@@ -21,7 +21,7 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path, embedded_data_
     assert book.cells[1].cell_type == "code" and "pip" in book.cells[1].source  # the first code cell installs
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    monkeypatch.setenv("NOTEBOOK_STEPS", "20")
+    monkeypatch.setenv("NOTEBOOK_STEPS", "12")
     monkeypatch.setenv("NOTEBOOK_DATA_CACHE", embedded_data_cache)  # the corpus and tokenizer, built once
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
