@@ -171,8 +171,10 @@ def base_config() -> ml_collections.ConfigDict:
                                              attention="auto", scan_layers=True))
     c.tokenizer = ""  # path to a Meta tokenizer.model; "" = the embedded default tokenizer (trained, cached)
     # cache_dir: where the embedded corpus and default tokenizer are built ("" = <workdir>/data_cache).
+    # host_shards: logical training-data shards split among the processes (0 = the process count when a stage
+    # starts); fixed for the stage by its checkpoints, so a restart may use any process count dividing it.
     c.data = ml_collections.ConfigDict(dict(sources=[], shuffle=True, num_workers=0, worker_buffer_size=2,
-                                            cache_dir=""))
+                                            cache_dir="", host_shards=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = "fsdp"
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, keep_every=0, async_save=True))

@@ -13,8 +13,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per "
-                               "host under SLURM, TPU VMs or Kubernetes; the cluster is detected from its "
-                               "environment).")
+                               "host under SLURM, TPU VMs or Kubernetes; see llama_jax/sharding/distributed.py and "
+                               "launch/).")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir although the config's "
                                          "model, data, seed or stages differ from its config.json (the "
                                          "checkpoints must still have the config's shapes).")
@@ -24,12 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-    import jax  # noqa: PLC0415
-
+    from llama_jax.sharding import distributed  # noqa: PLC0415
     from llama_jax.train import loop  # noqa: PLC0415 - import after flags are parsed (jax reads its flags)
 
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        distributed.initialize()
     cli.check_output_dir(_WORKDIR.value, "--workdir")
 
     if "sweep" in _CONFIG.value:  # an IsoFLOP sweep: every run is its own one-stage experiment

@@ -20,3 +20,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_threefry_partitionable", True)
 
 assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded_data_cache(tmp_path_factory):
+    """A data cache holding the embedded corpus and the default tokenizer, built once per test session."""
+    from llama_jax.data import corpus
+    path = tmp_path_factory.mktemp("embedded_data_cache")
+    corpus.default_tokenizer(str(path))
+    return str(path)

@@ -4,7 +4,9 @@ run metadata, written atomically (Orbax writes to a temporary directory and rena
 Layout: `<stage_dir>/checkpoints/<step>/{state,data,meta}`.
   * state: the TrainState (params, optimizer state, step, skipped), restored onto any mesh by giving the target
     shardings (Orbax reshards on read);
-  * data: the grain iterator state (JSON), so a resumed run continues with exactly the next batch;
+  * data: the data-iterator state (JSON), so a resumed run continues with exactly the next batch: for a
+    `data.hosts.ShardedTrainIterator` the state of every logical data shard, gathered from all processes, so a
+    restart with another process count resumes the same stream (the one data-item format);
   * meta: JSON (phase index, tokens seen, skipped data windows, ...).
 Retention: keep the last `keep` checkpoints plus every `keep_every`-th step. A checkpoint that fails to restore
 (corrupted or partially deleted after it was committed) is moved aside to `<step>.corrupt` and the previous
@@ -26,10 +28,11 @@ import time
 import zlib
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from llama_jax.data import hosts
 
 
 CHECKSUM_FILE = "checksums.json"
@@ -99,8 +102,16 @@ def verify_checkpoint(step_dir: str) -> bool:
     return True
 
 
+def _check_iterator(iterator: Any) -> hosts.ShardedTrainIterator:
+    if not isinstance(iterator, hosts.ShardedTrainIterator):
+        raise TypeError(f"checkpointed data iterators are data.hosts.ShardedTrainIterator, got "
+                        f"{type(iterator).__name__}")
+    return iterator
+
+
 class StageCheckpoints:
-    """Save / restore for one stage. `iterator` is the grain DatasetIterator whose state is checkpointed."""
+    """Save / restore for one stage. `iterator` is the stage's `data.hosts.ShardedTrainIterator` (its gathered
+    JSON state is the checkpoint's data item)."""
 
     def __init__(self, directory: str, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -124,10 +135,10 @@ class StageCheckpoints:
     def save(self, step: int, state: Any, iterator: Any | None, meta: dict, force: bool = False) -> bool:
         """Starts an (async) save of `state`, the iterator position and `meta` at `step`."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(iterator)
         if step in self._manager.all_steps():
             return False
+        if iterator is not None:
+            items["data"] = ocp.args.JsonSave(_check_iterator(iterator).global_state())  # a collective: every process saves
         self.wait()  # the previous save is committed (Orbax would wait here too): write its checksums first
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if saved:
@@ -161,8 +172,11 @@ class StageCheckpoints:
         self.verify(step)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            _check_iterator(iterator)
+            items["data"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if iterator is not None:
+            iterator.set_state(restored["data"])
         return restored["state"], dict(restored["meta"] or {})
 
     def read_meta(self, step: int) -> dict:
@@ -180,6 +194,8 @@ class StageCheckpoints:
                 iterator = iterator_factory(self.read_meta(step))
                 state, meta = self.restore(step, abstract_state, iterator)
                 return step, state, iterator, meta
+            except hosts.ReshardError:  # the checkpoint is fine; this process count cannot split its data
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 logging.warning("checkpoint %s/%d could not be restored (%s); falling back to the previous one",
                                 self.directory, step, f"{type(e).__name__}: {first_line(e)}")

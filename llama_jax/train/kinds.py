@@ -7,7 +7,8 @@ protocol:
 
     class MyKind(StageKind):
         name = "my_kind"
-        def train_iterator(self, ctx, phase, start_documents) -> checkpointable iterator of batches
+        def train_iterator(self, ctx, phase, start_documents) -> checkpointable iterator of batches of
+                                                                   the logical data shard ctx.data_shard
         def loss_fn(self, ctx) -> (params, batch) -> (loss_sum, token_count), or None for next-token CE
         def evaluate(self, ctx, params, phase, step) -> {metric: float}
         def finish(self, ctx, state) -> {key: JSON value} merged into the stage's DONE.json
@@ -57,6 +58,9 @@ class StageContext:
     to_device: Callable[[Mapping[str, Any]], dict]
     eval_step: Callable[[int, int], Callable]  # (seq_len, global_batch) -> compiled (params, batch) -> (sum, n)
     workdir: str = ""  # the run's workdir (kinds that read an earlier stage's results)
+    # (shard, shard count) of the logical data shard a train iterator reads (`data.hosts`): documents
+    # shard::count of every source, global_batch / count rows per step. None = this process of all processes.
+    data_shard: tuple[int, int] | None = None
 
 
 class StageKind:
@@ -113,9 +117,10 @@ class Pretrain(StageKind):
 
     def train_iterator(self, ctx, phase, start_documents):
         p = ctx.stage.phases[phase]
+        shard, shards = ctx.data_shard or (None, None)
         return pipeline.make_train_iterator(ctx.data_cfg, ctx.tokenizer, p.seq_len, p.global_batch,
-                                            ctx.stage.iterator_seed(), start_documents=start_documents,
-                                            track_documents=True)
+                                            ctx.stage.iterator_seed(), process_index=shard, process_count=shards,
+                                            start_documents=start_documents, track_documents=True)
 
     def evaluate(self, ctx, params, phase, step):
         p = ctx.stage.phases[phase]

@@ -50,6 +50,7 @@ from llama_jax import experiment
 from llama_jax import workdir as workdir_lib
 from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus as corpus_lib
+from llama_jax.data import hosts
 from llama_jax.data import pipeline
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.model import context_parallel
@@ -176,8 +177,10 @@ class StageState:
     skipped_windows: list = dataclasses.field(default_factory=list)
     last_rollback_target: int = -1  # the checkpoint the last rollback restored (-1: none)
     seed: int = 0
-    # The stage's data stream, per process ([process][source]): where the current phase's stream starts and
-    # the last document index each source contributed tokens from in this phase (-1 = none yet).
+    # The stage's data stream, per logical data shard ([shard][source]; `data_shards` of them, data.hosts):
+    # where the current phase's stream starts and the last document index each source contributed tokens from
+    # in this phase (-1 = none yet).
+    data_shards: int = 0
     phase_start: list = dataclasses.field(default_factory=list)
     consumed: list = dataclasses.field(default_factory=list)
 
@@ -192,20 +195,42 @@ class StageState:
 
 class StageStream:
     """A stage's one data stream: the kind's iterator at the current phase's shape, continued at each phase
-    change from the documents not yet used (the rest of a document split across the boundary is dropped)."""
+    change from the documents not yet used (the rest of a document split across the boundary is dropped).
+
+    The stream is cut into `num_shards` logical shards (`data.hosts`: fixed when the stage starts, stored in its
+    checkpoints); this process reads its own shards, each a document stream of its own with its own start and
+    consumed positions, so the global batch does not depend on the process count."""
 
     def __init__(self, kind: kinds_lib.StageKind, ctx: kinds_lib.StageContext):
         self.kind, self.ctx = kind, ctx
         self.sources = [s["name"] for s in ctx.data_cfg["sources"]]
-        self.phase, self.iterator = -1, None
-        self.start: list[int] = [0] * len(self.sources)
-        self.consumed: list[int] = [-1] * len(self.sources)
+        self.phase, self.iterator, self.num_shards = -1, None, 0
+        self.start: dict[int, list[int]] = {}  # local shard -> per source: first document of this phase
+        self.consumed: dict[int, list[int]] = {}  # local shard -> per source: last document used (-1 = none)
 
-    def open(self, phase: int, start: list[int], consumed: list[int] | None = None):
-        self.phase, self.start = phase, [int(x) for x in start]
-        self.consumed = [int(x) for x in consumed] if consumed is not None else [-1] * len(self.sources)
-        starts = {name: s for name, s in zip(self.sources, self.start) if s}
-        self.iterator = self.kind.train_iterator(self.ctx, phase, starts)
+    def default_shards(self) -> int:
+        return int(self.ctx.data_cfg.get("host_shards", 0) or 0) or jax.process_count()
+
+    def open(self, phase: int, num_shards: int, start: list[list[int]] | None = None,
+             consumed: list[list[int]] | None = None) -> hosts.ShardedTrainIterator:
+        """Opens phase `phase` over `num_shards` shards; `start` / `consumed` have one row per shard (all shards,
+        in shard order; None = from the beginning / nothing consumed)."""
+        n = len(self.sources)
+        if start is not None and len(start) != num_shards:
+            raise ValueError(f"data stream state has {len(start)} shard rows, expected {num_shards}")
+        p = self.ctx.stage.phases[phase]
+
+        def factory(shard: int, shards: int):
+            ctx = dataclasses.replace(self.ctx, data_shard=(shard, shards))
+            row = start[shard] if start is not None else [0] * n
+            return self.kind.train_iterator(ctx, phase, {name: int(s) for name, s in zip(self.sources, row) if s})
+
+        self.phase, self.num_shards = phase, int(num_shards)
+        self.iterator = hosts.ShardedTrainIterator(factory, num_shards, p.global_batch, jax.process_index(),
+                                                   jax.process_count())
+        local = self.iterator.local_shards
+        self.start = {k: [int(x) for x in start[k]] if start is not None else [0] * n for k in local}
+        self.consumed = {k: [int(x) for x in consumed[k]] if consumed is not None else [-1] * n for k in local}
         return self.iterator
 
     def next(self, step: int) -> dict:
@@ -214,20 +239,32 @@ class StageStream:
             p = self.ctx.stage.phases[phase]
             logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d)", self.ctx.stage.name,
                          self.phase, phase, step, p.seq_len, p.global_batch)
-            self.open(phase, [c + 1 if c >= 0 else s for s, c in zip(self.start, self.consumed)])
-        batch = next(self.iterator)
-        documents = batch.pop(batch_lib.DOCUMENT_KEY, None) if isinstance(batch, dict) else None
-        if documents is not None:
-            for source, last in batch_lib.consumed_documents(documents, len(self.sources)).items():
-                self.consumed[source] = max(self.consumed[source], last)
-        return batch
+            nxt = {k: [c + 1 if c >= 0 else s for s, c in zip(self.start[k], self.consumed[k])] for k in self.start}
+            rows = [nxt.get(k, [0] * len(self.sources)) for k in range(self.num_shards)]  # only local rows are read
+            self.open(phase, self.num_shards, rows)
+        parts = []
+        for shard, batch in self.iterator.next_parts():
+            documents = batch.pop(batch_lib.DOCUMENT_KEY, None) if isinstance(batch, dict) else None
+            if documents is not None:
+                for source, last in batch_lib.consumed_documents(documents, len(self.sources)).items():
+                    self.consumed[shard][source] = max(self.consumed[shard][source], last)
+            parts.append(batch)
+        return hosts.concat_rows(parts)
+
+    def gathered(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(start, consumed) of every shard, gathered from all processes (a collective)."""
+        local = self.iterator.local_shards
+        return (_all_shards([self.start[k] for k in local], len(self.sources)),
+                _all_shards([self.consumed[k] for k in local], len(self.sources)))
 
 
-def _all_processes(row: list[int]) -> list[list[int]]:
+def _all_shards(rows: list[list[int]], width: int) -> list[list[int]]:
+    """Every process's rows (its local shards), concatenated in process order = shard order."""
     if jax.process_count() == 1:
-        return [list(row)]
+        return [list(r) for r in rows]
     from jax.experimental import multihost_utils  # noqa: PLC0415
-    return np.asarray(multihost_utils.process_allgather(np.asarray(row, np.int64))).tolist()
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(rows, np.int64).reshape(-1, width)))
+    return gathered.reshape(-1, width).tolist()
 
 
 class SpikeMonitor:
@@ -320,17 +357,15 @@ class StageRun:
         return self._eval_steps[key]
 
     def save(self, step: int, state, info: StageState, force: bool = False) -> None:
-        info.phase = self.stream.phase
-        info.phase_start = _all_processes(self.stream.start)
-        info.consumed = _all_processes(self.stream.consumed)
+        info.phase, info.data_shards = self.stream.phase, self.stream.num_shards
+        info.phase_start, info.consumed = self.stream.gathered()
         self.ckpts.save(step, state, self.stream.iterator, info.to_json(), force=force)
 
     def _restore(self, step: int, abstract) -> tuple[Any, StageState]:
         info = StageState.from_json(self.ckpts.read_meta(step))
-        proc = jax.process_index()
-        start = info.phase_start[proc] if info.phase_start else [0] * len(self.stream.sources)
-        consumed = info.consumed[proc] if info.consumed else None
-        iterator = self.stream.open(info.phase, start, consumed)
+        if not info.data_shards or len(info.phase_start) != info.data_shards:
+            raise ValueError(f"checkpoint {step} has no data stream state of its {info.data_shards} data shards")
+        iterator = self.stream.open(info.phase, info.data_shards, info.phase_start, info.consumed)
         state, meta = self.ckpts.restore(step, abstract, iterator)
         return state, StageState.from_json(meta)
 
@@ -356,6 +391,8 @@ class StageRun:
                                  f"written with another model config: use a new workdir")
             try:
                 state, info = self._restore(step, self.abstract)
+            except hosts.ReshardError:  # the checkpoint is fine; this process count cannot split its data
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 failures.append((step, f"{type(e).__name__}: {ckpt_lib.first_line(e)}"))
                 logging.warning("stage %r: checkpoint %s/%d does not restore (%s)", self.name,
@@ -385,7 +422,7 @@ class StageRun:
                                              jax.random.key(self.stage.seed), params=params)
         logging.info("stage %r: starting from %s", self.name, source)
         info = StageState(seed=self.stage.seed)
-        self.stream.open(0, [0] * len(self.stream.sources))
+        self.stream.open(0, self.stream.default_shards())
         self.save(0, state, info)  # a rollback target, and a resumable start for the stage
         return 0, state, info
 

@@ -382,7 +382,9 @@ class Progress:
     """
 
     def __init__(self, total_steps: int, start_step: int = 0, desc: str = "", every_s: float = 10.0,
-                 stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic):
+                 stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 process_index: int | None = None):
+        self.active = (jax.process_index() if process_index is None else int(process_index)) == 0  # one console line
         self.total_steps = int(total_steps)
         self.start_step = int(start_step)
         self.desc = desc
@@ -417,7 +419,7 @@ class Progress:
         """Prints the status line if due; returns whether it printed."""
         step, now = int(step), self.clock()
         due = (self._last_print is None or now - self._last_print >= self.every_s or step >= self.total_steps)
-        if due:
+        if due and self.active:
             self.stream.write(self.format_line(step, scalars or {}, now) + "\n")
             self.stream.flush()
             self._last_print = now

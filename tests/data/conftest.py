@@ -32,11 +32,9 @@ def small_tokenizer(small_tokenizer_path) -> tokenizer.Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def corpus_cache(tmp_path_factory) -> str:
-    """A cache directory holding the embedded stdlib corpus (built once per session)."""
-    cache = str(tmp_path_factory.mktemp("corpus_cache"))
-    corpus.corpus_dir(cache)
-    return cache
+def corpus_cache(embedded_data_cache) -> str:
+    """A cache directory holding the embedded stdlib corpus (tests/conftest.py's session-wide cache)."""
+    return embedded_data_cache
 
 
 @pytest.fixture(scope="session")

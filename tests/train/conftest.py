@@ -2,9 +2,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def data_cache(tmp_path_factory):
-    """The embedded corpus and default tokenizer, built once for all driver tests."""
-    path = tmp_path_factory.mktemp("data_cache")
-    from llama_jax.data import corpus
-    corpus.default_tokenizer(str(path))
-    return str(path)
+def data_cache(embedded_data_cache):
+    """The embedded corpus and default tokenizer (tests/conftest.py's session-wide cache)."""
+    return embedded_data_cache

@@ -70,7 +70,9 @@ def finished(data_cache, tmp_path_factory):
     return wd
 
 
-def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path, shards):
+    """Each logical data shard (data.hosts) is one document stream continued across the phases."""
     c = _ramp(_config(data_cache))
     (stage,) = E.resolve(c)
     assert [(p.first_step, p.seq_len, p.global_batch) for p in stage.phases] == [(0, 32, 8), (3, 64, 8)]
@@ -86,24 +88,26 @@ def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path):
             class Wrapped:
                 def __next__(self_inner):
                     b = next(it)
-                    seen.append((phase, b[batch_lib.DOCUMENT_KEY].copy()))
+                    seen.append((ctx.data_shard[0], phase, b[batch_lib.DOCUMENT_KEY].copy()))
                     return b
             return Wrapped()
 
     ctx = kinds.StageContext(stage=stage, config=c, tokenizer=tok, mesh=None, rules=None, writer=None,
                              data_cfg=data_cfg, to_device=None, eval_step=None)
     stream = loop.StageStream(Recording(), ctx)
-    stream.open(0, [0, 0])
+    stream.open(0, num_shards=shards)
+    assert stream.iterator.local_shards == list(range(shards))
     for step in range(8):
         batch = stream.next(step)
         assert set(batch) == set(batch_lib.BATCH_KEYS)
     n_sources = 2
-    for source in range(n_sources):
+    for shard, source in [(k, s) for k in range(shards) for s in range(n_sources)]:
         by_phase = [set(), set()]
-        for phase, docs in seen:
+        for k, phase, docs in seen:
             ids = docs[docs > 0] - 1
-            by_phase[phase] |= set((ids[ids % n_sources == source] // n_sources).tolist())
-        sizes = len(corpus.load_documents(data_cache, ("code", "prose")[source], "train"))
+            if k == shard:
+                by_phase[phase] |= set((ids[ids % n_sources == source] // n_sources).tolist())
+        sizes = len(corpus.load_documents(data_cache, ("code", "prose")[source], "train")[shard::shards])
         assert by_phase[0] and by_phase[1]
         assert max(by_phase[0] | by_phase[1]) < sizes  # the stream has not wrapped yet
         assert not by_phase[0] & by_phase[1]  # no document used in both phases

@@ -1,0 +1,131 @@
+"""Process-count-invariant training data: a fixed number of logical data shards split among the processes.
+
+The training stream is cut into `num_shards` logical shards, fixed when a stage starts (by default the
+number of processes then) and stored in its checkpoints. Shard k reads documents k::num_shards of every source
+and yields `global_batch / num_shards` packed rows per step (`pipeline.make_train_iterator` with
+`process_index=k, process_count=num_shards`); the global batch is the shards' rows in shard order. Process p of
+P owns the contiguous shards [p*S/P, (p+1)*S/P) and reads only those: every process reads its own data, and the
+global batch (hence every loss and parameter) does not depend on how many processes share the work.
+
+Resume with a different process count: the checkpoint holds every shard's grain iterator state (gathered to
+all processes when saved), so P' processes pick up exactly where P left off as long as P' divides the shard
+count; set `data.host_shards` when a stage starts to allow the process counts you will use (e.g. 8 for 1, 2,
+4 or 8 processes).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+
+ShardFactory = Callable[[int, int], Any]  # (shard index, shard count) -> grain iterator of that shard's rows
+
+
+class ReshardError(ValueError):
+    """The processes cannot split the checkpoint's data shards (not a corrupt checkpoint)."""
+
+
+def _check_split(num_shards: int, process_count: int, global_batch: int) -> None:
+    if num_shards < 1:
+        raise ValueError(f"data.host_shards must be >= 1 (or 0 = the process count), got {num_shards}")
+    if num_shards % process_count:
+        raise ReshardError(f"{num_shards} data shards cannot be split among {process_count} processes: use a "
+                           f"process count that divides {num_shards}, or set data.host_shards when the stage "
+                           "starts")
+    if global_batch % num_shards:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {num_shards} data shards "
+                         "(data.host_shards)")
+
+
+class ShardedTrainIterator:
+    """This process's rows of the global batch, drawn from its logical shards (module docstring)."""
+
+    def __init__(self, factory: ShardFactory, num_shards: int, global_batch: int, process_index: int,
+                 process_count: int):
+        self._factory, self._global_batch = factory, int(global_batch)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self._build(int(num_shards))
+
+    def _build(self, num_shards: int) -> None:
+        _check_split(num_shards, self.process_count, self._global_batch)
+        self.num_shards = num_shards
+        per = num_shards // self.process_count
+        self.local_shards = list(range(self.process_index * per, (self.process_index + 1) * per))
+        self._iterators = {k: self._factory(k, num_shards) for k in self.local_shards}
+
+    def __iter__(self) -> ShardedTrainIterator:
+        return self
+
+    def next_parts(self) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """The next rows of each local shard: [(shard index, rows)], in shard order."""
+        return [(k, next(self._iterators[k])) for k in self.local_shards]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return concat_rows([rows for _, rows in self.next_parts()])
+
+    def get_state(self) -> dict[str, Any]:
+        """This process's shards: {"num_shards": S, "shards": {"k": grain state}} (JSON-serializable)."""
+        return {"num_shards": self.num_shards,
+                "shards": {str(k): self._iterators[k].get_state() for k in self.local_shards}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores from a (gathered) state; rebuilds the shards if the state has a different shard count."""
+        num_shards = int(state["num_shards"])
+        if num_shards != self.num_shards:
+            self._build(num_shards)
+        missing = [k for k in self.local_shards if str(k) not in state["shards"]]
+        if missing:
+            raise ValueError(f"data state lacks shard(s) {missing} of {num_shards}")
+        for k in self.local_shards:
+            self._iterators[k].set_state(state["shards"][str(k)])
+
+    def global_state(self) -> dict[str, Any]:
+        """Every shard's state, gathered from all processes (a collective: all processes must call it)."""
+        state = self.get_state()
+        if self.process_count == 1:
+            return state
+        merged: dict[str, Any] = {}
+        for part in _allgather_json(state["shards"]):
+            merged.update(part)
+        if len(merged) != self.num_shards:
+            raise RuntimeError(f"gathered {len(merged)} data shard states, expected {self.num_shards}")
+        return {"num_shards": self.num_shards, "shards": merged}
+
+
+def concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The shards' rows of one step stacked in shard order (this process's part of the global batch)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-serializable `obj`, in process order."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, sizes)]
+
+
+def make_train_iterator(cfg: Any, tokenizer: Any, seq_len: int, global_batch: int, seed: int,
+                        num_shards: int = 0, process_index: int | None = None,
+                        process_count: int | None = None) -> ShardedTrainIterator:
+    """The training iterator of this process over `num_shards` logical shards (0 = one per process)."""
+    from llama_jax.data import pipeline  # noqa: PLC0415
+
+    if process_index is None or process_count is None:
+        import jax  # noqa: PLC0415
+        process_index, process_count = jax.process_index(), jax.process_count()
+
+    def factory(shard: int, shards: int):
+        return pipeline.make_train_iterator(cfg, tokenizer, seq_len, global_batch, seed, process_index=shard,
+                                            process_count=shards)
+
+    return ShardedTrainIterator(factory, int(num_shards) or process_count, global_batch, process_index,
+                                process_count)
