@@ -273,7 +273,22 @@ class SFT(kinds.StageKind):
 # ---------------------------------------------------------------------------------------------- reward
 
 
-class Reward(kinds.StageKind):
+class _PreferenceKind(kinds.StageKind):
+    """A kind trained on preference records: each step's rows are the records' `ROLES`, role-major."""
+
+    ROLES: tuple[str, ...] = ()
+
+    def examples(self, ctx, path: str, seq_len: int) -> list[dict]:
+        raise NotImplementedError
+
+    def train_iterator(self, ctx, phase, start_documents):
+        p = ctx.stage.phases[phase]
+        _, m = _local_rows(ctx, phase, len(self.ROLES))
+        return _iterator(self.examples(ctx, _opts(ctx)["preferences"], p.seq_len), m,
+                         ctx.stage.iterator_seed() + phase, _Collate(self.ROLES))
+
+
+class Reward(_PreferenceKind):
     """Reward model: the backbone's scalar head on the last token, pairwise ranking loss (edited > chosen >
     rejected). Settings: preferences (required), eval_preferences, truncation, task evaluation."""
 
@@ -302,12 +317,6 @@ class Reward(kinds.StageKind):
             raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {path!r} fits the sequence "
                              f"length {seq_len}")
         return out
-
-    def train_iterator(self, ctx, phase, start_documents):
-        p = ctx.stage.phases[phase]
-        _, m = _local_rows(ctx, phase, len(self.ROLES))
-        return _iterator(self.examples(ctx, _opts(ctx)["preferences"], p.seq_len), m,
-                         ctx.stage.iterator_seed() + phase, _Collate(self.ROLES))
 
     def loss_fn(self, ctx):
         cfg, head = ctx.stage.model, reward_lib.reward_head_id(ctx.tokenizer)
@@ -342,7 +351,7 @@ class Reward(kinds.StageKind):
 # ------------------------------------------------------------------------------------------------- dpo
 
 
-class DPO(kinds.StageKind):
+class DPO(_PreferenceKind):
     """Llama 3's DPO: frozen reference, formatting tokens masked, NLL on chosen (0.2), β 0.1.
 
     Settings: preferences (required), eval_preferences, beta, nll_coef, truncation, task evaluation.
@@ -388,12 +397,6 @@ class DPO(kinds.StageKind):
         for i, row in enumerate(rows):
             row["ref_logps"] = ref[i] * (row["loss_mask"] > 0)
         return pairs
-
-    def train_iterator(self, ctx, phase, start_documents):
-        p = ctx.stage.phases[phase]
-        _, m = _local_rows(ctx, phase, len(self.ROLES))
-        return _iterator(self.examples(ctx, _opts(ctx)["preferences"], p.seq_len), m,
-                         ctx.stage.iterator_seed() + phase, _Collate(self.ROLES))
 
     def loss_fn(self, ctx):
         cfg, o = ctx.stage.model, _opts(ctx)
