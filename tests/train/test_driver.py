@@ -18,27 +18,14 @@ from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.train import kinds, loop
+from tests.train.helpers import pretrain_config
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL = "tiny,steps=4,batch=8,seq_len=32,warmup=1,layers=1"
 
 
 def _config(data_cache, arg=SMALL, **updates):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("pretrain", REPO / "experiments/pretrain.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.data.cache_dir = data_cache
-    c.checkpoint.update(every_steps=2, async_save=False, keep=20)
-    c.eval.update(every_steps=0, batches=0)
-    c.sample.max_new_tokens = 0
-    for k, v in updates.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c = pretrain_config(data_cache, arg, checkpoint_every=2, eval_batches=0, max_new_tokens=0, **updates)
+    c.checkpoint.keep = 20
     return c
 
 

@@ -22,27 +22,14 @@ from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import loop
 from llama_jax.train import step as step_lib
 from llama_jax.train.optim import OptimConfig
+from tests.train.helpers import pretrain_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMALL = "tiny,steps=12,batch=8,seq_len=32,warmup=2,layers=2"
 
 
 def _config(data_cache, arg=SMALL, **updates):
-    spec = __import__("importlib.util").util.spec_from_file_location("pretrain", REPO / "experiments/pretrain.py")
-    mod = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.data.cache_dir = data_cache
-    c.checkpoint.update(every_steps=4, async_save=False)
-    c.eval.update(every_steps=0, batches=1)
-    c.sample.max_new_tokens = 4
-    for k, v in updates.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return pretrain_config(data_cache, arg, checkpoint_every=4, eval_batches=1, max_new_tokens=4, **updates)
 
 
 def test_two_stage_experiment_runs_both_and_skips_the_first_on_restart(data_cache, tmp_path):
