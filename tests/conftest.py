@@ -13,6 +13,8 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="llama_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The best-measured matmul peaks (the MFU denominator) go to a per-session file, not the user's cache.
+os.environ.setdefault("LLAMA_JAX_PEAK_STORE", os.path.join(tempfile.mkdtemp(prefix="llama_jax_peaks_"), "p.json"))
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 

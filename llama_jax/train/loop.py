@@ -528,8 +528,8 @@ class StageRun:
             logging.info("stage %r (%s): %d steps; phases %s; model %s (%.3gM params)", self.name, self.stage.kind,
                          self.total_steps, self.stage.phases, self.stage.model.name,
                          self.stage.model.param_count() / 1e6)
-            self._peak, peak_src = metrics_lib.device_peak_flops(self.stage.model.dtype)
-            logging.info("MFU peak per device: %.3g FLOP/s (%s)", self._peak, peak_src)
+            self._peak = metrics_lib.PeakFlops(self.stage.model.dtype)
+            logging.info("MFU peak per device: %.3g FLOP/s (%s)", self._peak.value, self._peak.source)
             self._progress = metrics_lib.Progress(self.total_steps, start_step=step, desc=self.name)
             self._throughput: dict[int, metrics_lib.Throughput] = {}
             pending = None  # (step, phase, metrics, t_dispatch) of the step in flight

@@ -2,6 +2,8 @@
 
   * `device_peak_flops(dtype, device)` gives the per-device dense peak used as the MFU denominator: a datasheet
     figure for known accelerators (no sparsity), otherwise `measure_matmul_peak(dtype)`, a timed square matmul.
+    `PeakFlops` keeps a measured peak honest (best recorded per machine, shared among simulated CPU devices,
+    re-measured when a step comes close, never below an achieved rate).
     Float32 on accelerators is always measured (the GPU "TF32" figures are not float32 peaks).
   * `Throughput` turns (tokens, seconds) per step into tokens/s, TFLOP/s per device and MFU, per step and
     smoothed over a window of recent steps.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import sys
 import time
@@ -75,14 +78,14 @@ def _default_matmul_size(platform: str) -> int:
 
 
 def measure_matmul_peak(dtype: Any = "float32", size: int | None = None, repeats: int = 5,
-                        device: Any | None = None) -> float:
+                        device: Any | None = None, fresh: bool = False) -> float:
     """Measured dense matmul FLOP/s of one device: a jitted [size, size] @ [size, size] in `dtype`.
 
     One warm-up call (compilation), then the fastest of `repeats` timed calls (each `block_until_ready`): a peak
     is the best the device was seen to do, so that MFU is never flattered by a slow measurement.
     `size` defaults to 1024 on CPU and 8192 on GPU/TPU. The matmul follows the process's
     `jax_default_matmul_precision`, like the training step does. Cached in-process per (platform, device kind,
-    dtype, size).
+    dtype, size); `fresh=True` times it again (keeping the better figure in the cache).
     """
     device = device if device is not None else _default_device()
     name = _dtype_name(dtype)
@@ -90,7 +93,7 @@ def measure_matmul_peak(dtype: Any = "float32", size: int | None = None, repeats
     if size <= 0 or repeats <= 0:
         raise ValueError(f"size and repeats must be positive, got size={size} repeats={repeats}")
     key = (device.platform, device.device_kind, name, size)
-    if key in _MEASURED_CACHE:
+    if key in _MEASURED_CACHE and not fresh:
         return _MEASURED_CACHE[key]
 
     ka, kb = jax.random.split(jax.random.key(0))
@@ -104,7 +107,7 @@ def measure_matmul_peak(dtype: Any = "float32", size: int | None = None, repeats
         matmul(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     flops = 2.0 * size ** 3 / max(min(times), 1e-9)
-    _MEASURED_CACHE[key] = flops
+    _MEASURED_CACHE[key] = max(flops, _MEASURED_CACHE.get(key, 0.0))
     logging.info("measured %s matmul peak on %s (%s), size %d: %.3g FLOP/s",
                  name, device.device_kind, device.platform, size, flops)
     return flops
@@ -140,6 +143,130 @@ def device_peak_flops(dtype: Any = "bfloat16", device: Any | None = None) -> tup
     return measure_matmul_peak(name, device=device), f"measured {name} matmul"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def peak_store_path() -> str:
+    """The file holding the best matmul rate measured so far per machine and dtype (`$LLAMA_JAX_PEAK_STORE`, else
+    `~/.cache/llama_jax/matmul_peaks.json`)."""
+    return os.environ.get("LLAMA_JAX_PEAK_STORE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llama_jax", "matmul_peaks.json")
+
+
+def _read_store(path: str) -> dict[str, float]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float)) and v > 0} \
+        if isinstance(data, dict) else {}
+
+
+def _write_store(path: str, data: dict[str, float]) -> None:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop training
+        logging.warning("could not record the measured matmul peak in %s: %s", path, e)
+
+
+class PeakFlops:
+    """The MFU denominator of one device, kept honest.
+
+    Datasheet figures (known accelerators) are used as they are. A measured peak (CPUs, float32, unknown kinds)
+    is only as good as the moment it was timed: measured while other work shares the machine it comes out low,
+    and every MFU computed against it is flattered. So a measured peak is
+      * the best of this measurement and the best ever recorded for this machine (CPU model, usable cores,
+        platform, device kind, dtype) in `peak_store_path()`, which a better measurement updates;
+      * on CPU, divided among the process's local CPU devices: simulated devices share the host's cores, so a
+        single-device matmul measures the whole host;
+      * re-measured (at most every `remeasure_every_s`) when a step reaches `suspicious_mfu` of it;
+      * never below a rate a step was seen to achieve: `check(achieved)` raises it to that, so MFU <= 1 always.
+    """
+
+    def __init__(self, dtype: Any = "float32", device: Any | None = None, store_path: str | None = None,
+                 suspicious_mfu: float = 0.8, remeasure_every_s: float = 60.0,
+                 measure: Callable[[], float] | None = None):
+        self.device = device if device is not None else _default_device()
+        self.dtype = _dtype_name(dtype)
+        value, self.source = device_peak_flops(self.dtype, self.device)
+        self.measured = self.source.startswith("measured")
+        self.suspicious_mfu = float(suspicious_mfu)
+        self.remeasure_every_s = float(remeasure_every_s)
+        self.store_path = store_path if store_path is not None else peak_store_path()
+        self._measure = measure or (lambda: measure_matmul_peak(self.dtype, device=self.device, fresh=True))
+        self._last_measure = time.monotonic()
+        self._share = 1
+        if self.measured and self.device.platform == "cpu":
+            self._share = max(1, sum(1 for d in jax.local_devices() if d.platform == "cpu"))
+        self._host_peak = float(value)
+        if self.measured:
+            self._record(self._host_peak)
+
+    @property
+    def key(self) -> str:
+        return "|".join((_cpu_model(), f"{_usable_cores()} cores", self.device.platform,
+                         str(self.device.device_kind), self.dtype))
+
+    @property
+    def value(self) -> float:
+        """Peak FLOP/s of one device."""
+        return self._host_peak / self._share
+
+    def _record(self, measured: float) -> None:
+        store = _read_store(self.store_path)
+        best = max(float(measured), store.get(self.key, 0.0), self._host_peak)
+        if best > self._host_peak:
+            logging.info("matmul peak: using the best recorded rate %.3g FLOP/s (now measured %.3g)", best,
+                         measured)
+        self._host_peak = best
+        if best > store.get(self.key, 0.0):
+            store[self.key] = best
+            _write_store(self.store_path, store)
+
+    def remeasure(self) -> float:
+        """Times the matmul again; keeps the better of the old and new figures; returns the per-device peak."""
+        if self.measured:
+            self._last_measure = time.monotonic()
+            self._record(self._measure())
+        return self.value
+
+    def check(self, achieved_flops_per_device: float) -> None:
+        """Called with each step's achieved FLOP/s per device: re-measures a measured peak that a step comes
+        close to, and raises the peak to any rate actually achieved (a peak below it was timed under load)."""
+        achieved = float(achieved_flops_per_device)
+        if not self.measured or not math.isfinite(achieved):
+            return
+        if achieved >= self.suspicious_mfu * self.value and \
+                time.monotonic() - self._last_measure >= self.remeasure_every_s:
+            self.remeasure()
+        if achieved > self.value:
+            logging.warning("a step ran at %.3g FLOP/s per device, above the measured matmul peak %.3g: the peak "
+                            "was timed while the machine was busy; using the achieved rate as the peak",
+                            achieved, self.value)
+            self._host_peak = achieved * self._share
+            self._record(self._host_peak)
+
+
 # -------------------------------------------------------------------------------------------- throughput
 
 
@@ -148,28 +275,37 @@ class Throughput:
 
     `flops_per_token` is the model FLOPs of one trained token (forward + backward, e.g. 6N plus attention), so
     MFU = flops_per_token * tokens/s / (n_devices * peak_flops_per_device). `update` returns that step's
-    figures; `summary()` the same keys over the last `window` steps (total tokens / total time).
+    figures; `summary()` the same keys over the last `window` steps (total tokens / total time). Given a
+    `PeakFlops` as the peak, each step's achieved rate is checked against it, so MFU never exceeds 1.
     """
 
-    def __init__(self, flops_per_token: float, n_devices: int, peak_flops_per_device: float, window: int = 20):
+    def __init__(self, flops_per_token: float, n_devices: int, peak_flops_per_device: float | PeakFlops,
+                 window: int = 20):
         if not flops_per_token > 0:
             raise ValueError(f"flops_per_token must be positive, got {flops_per_token}")
         if int(n_devices) < 1:
             raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-        if not peak_flops_per_device > 0:
+        self._peak = peak_flops_per_device if isinstance(peak_flops_per_device, PeakFlops) else None
+        if self._peak is None and not peak_flops_per_device > 0:
             raise ValueError(f"peak_flops_per_device must be positive, got {peak_flops_per_device}")
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.flops_per_token = float(flops_per_token)
         self.n_devices = int(n_devices)
-        self.peak_flops_per_device = float(peak_flops_per_device)
+        self._fixed_peak = None if self._peak is not None else float(peak_flops_per_device)
         self._recent: deque[tuple[float, float]] = deque(maxlen=int(window))
         self.total_tokens = 0.0
         self.total_seconds = 0.0
 
+    @property
+    def peak_flops_per_device(self) -> float:
+        return self._peak.value if self._peak is not None else self._fixed_peak
+
     def _figures(self, tokens: float, seconds: float, steps: int) -> dict[str, float]:
         tokens_per_s = tokens / seconds
         flops_per_device = self.flops_per_token * tokens_per_s / self.n_devices
+        if self._peak is not None:
+            self._peak.check(flops_per_device)  # a PeakFlops is never below an achieved rate: MFU <= 1
         return {"tokens_per_s": tokens_per_s, "step_time_s": seconds / steps,
                 "mfu": flops_per_device / self.peak_flops_per_device, "tflops_per_device": flops_per_device / 1e12}
 
