@@ -8,8 +8,9 @@ Two paths:
   * `cross_entropy_sum(logits, ...)` takes materialised logits [B, L, V] (the reference).
   * `chunked_cross_entropy_sum(hidden, w, ...)` fuses the output projection with the loss and walks the
     sequence in chunks of `chunk_size` positions, so the largest live buffer is [B, chunk, V] float32 instead
-    of [B, L, V]; its custom VJP recomputes each chunk's logits in the backward pass and accumulates dW
-    (float32) and dH chunk by chunk. At Llama 3 scale (V = 128,256) the full logits of one 8K sequence are
+    of [B, L, V]; under differentiation its custom VJP forms each chunk's gradient while the chunk's logits
+    are live (dH, and dW accumulated in float32), so the backward pass only scales them by the incoming
+    cotangent and no logits are computed twice. At Llama 3 scale (V = 128,256) the full logits of one 8K sequence are
     4 GiB in float32, about as much as all the activations of the 1B model's blocks.
 """
 
@@ -106,31 +107,39 @@ def _fused_ce(chunk, n_chunks, hidden, w, targets, mask):
 
 
 def _fused_ce_fwd(chunk, n_chunks, hidden, w, targets, mask):
-    total, lse = _fused_ce_fwd_impl(chunk, n_chunks, hidden, w, targets, mask)
-    return total, (hidden, w, targets, mask, lse)
-
-
-def _fused_ce_bwd(chunk, n_chunks, residuals, g_total):
-    hidden, w, targets, mask, lse = residuals
+    """Under differentiation the loss is the end of the graph, so its gradient is known up to the incoming
+    scalar cotangent: each chunk's dlogits = softmax - onehot (masked) is turned into dH and accumulated into
+    dW right here, while the chunk's logits are live, instead of recomputing the logits in the backward pass
+    (one [B, L, D] x [D, V] matmul fewer per step). The residuals are dH [B, L, D] (hidden dtype) and dW
+    [D, V] (float32)."""
+    b = hidden.shape[0]
     cdtype = hidden.dtype
     w_c = w.astype(cdtype)
 
     def body(carry, i):
-        dh, dw = carry
+        total, dw = carry
         h = _chunk(hidden, i, chunk)
         logits = _chunk_logits(h, w_c)
-        probs = jnp.exp(logits - _chunk(lse, i, chunk)[..., None])
-        scale = (_chunk(mask, i, chunk) * g_total)[..., None]
-        dlogits = (jnp.where(_target_mask(logits, _chunk(targets, i, chunk)), probs - 1.0, probs) * scale)
-        dlogits = dlogits.astype(cdtype)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        is_target = _target_mask(logits, _chunk(targets, i, chunk))
+        m = _chunk(mask, i, chunk)
+        total = total + jnp.sum((lse - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)) * m)
+        probs = jnp.exp(logits - lse[..., None])
+        dlogits = (jnp.where(is_target, probs - 1.0, probs) * m[..., None]).astype(cdtype)
         dh_i = jnp.einsum("bcv,dv->bcd", dlogits, w_c, preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
-        dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i.astype(dh.dtype), i * chunk, axis=1)
-        return (dh, dw), None
+        return (total, dw), dh_i.astype(cdtype)
 
-    init = (jnp.zeros(hidden.shape, cdtype), jnp.zeros(w.shape, jnp.float32))
-    (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    return dh, dw.astype(w.dtype), None, None
+    (total, dw), dh = jax.lax.scan(body, (jnp.float32(0.0), jnp.zeros(w.shape, jnp.float32)),
+                                   jnp.arange(n_chunks))
+    dh = jnp.swapaxes(dh, 0, 1).reshape(b, n_chunks * chunk, hidden.shape[-1])  # [n, B, C, D] -> [B, L, D]
+    return total, (dh, dw, jnp.zeros((0,), w.dtype))  # (the empty array carries w's dtype)
+
+
+def _fused_ce_bwd(chunk, n_chunks, residuals, g_total):
+    dh, dw, w_probe = residuals
+    dh = (dh.astype(jnp.float32) * g_total).astype(dh.dtype)
+    return dh, (dw * g_total).astype(w_probe.dtype), None, None
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
