@@ -6,12 +6,17 @@ FFN 704, RoPE θ 500000, untied), sequence 512, global batch 8 (4,096 tokens per
 all variants do exactly the same work; random token ids.
 
 Variants, each in its own subprocess (so memory is per variant and XLA flags can differ):
-  llama_jax            `train.step.make_train_step` + `jit_train_step` (sharded jit, donated state) as shipped:
-                       remat none, attention "auto" (= "xla_blocked" on CPU), full logits, 1 device.
-  llama_jax-fused      the shipped step with the fused chunked loss (`loss_chunk=128`).
-  llama_jax-lean       the same step with the memory-lean settings (LEAN below): chunked fused loss
-                       (`loss_chunk=128`) and blockwise "xla_chunked" attention.
+  llama_jax            `train.step.make_train_step` + `jit_train_step` (sharded jit, donated state) with the
+                       shipped defaults: remat none, attention "auto" (= "xla_blocked" on CPU), the loss chunk
+                       the platform default resolves to (128 positions on CPU: the fused chunked cross-entropy),
+                       fused Q/K/V and gate/up projections, 1 device.
+  llama_jax-full-logits  the same with full [B, L, V] float32 logits (`loss_chunk=0`).
+  llama_jax-unfused-proj the same with five separate projection matmuls (`fuse_projections=False`).
+  llama_jax-lean       the shipped step with "xla_chunked" attention (LEAN below): the least memory.
   llama_jax-2dev       the shipped step on a 2-device data-parallel mesh (2 simulated CPU devices, 2 cores).
+  xla+onednn, xla-no-ynn, xla+concurrency-scheduler
+                       the shipped step with one XLA:CPU flag each: oneDNN kernels on, the YNNPACK dot fusions
+                       off (plain Eigen dots), the concurrency-optimized thunk scheduler on.
   flax-naive           what a user would write: a Linen model with a Python loop over layers, GQA by repeating
                        K/V heads, a [T, T] causal mask, full float32 logits, optax.adamw, plain `jax.jit`.
   hf-torch             transformers `LlamaForCausalLM` (same config, float32, sdpa attention) with torch AdamW
@@ -52,14 +57,21 @@ SECTION = "## Train throughput (tiny-bench)"
 # (`--xla_cpu_experimental_xnn_fusion_type=dot` was ~2x slower). "-lean" is the memory-lean configuration.
 LEAN = {"remat": "none", "attention": "xla_chunked", "loss_chunk": 128}
 
+# The shipped defaults: what `experiments/pretrain.py` gives a stage without flags (loss_chunk -1 resolves to the
+# platform's default, `llama_jax.train.loss.resolve_chunk`; fused Q/K/V and gate/up projections; attention "auto").
+SHIPPED = {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "auto", "loss_chunk": -1,
+           "fuse_projections": True, "xla_flags": ""}
+
 VARIANTS = {
-    "llama_jax": {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "auto", "loss_chunk": 0,
-                  "xla_flags": ""},
-    "llama_jax-fused": {"kind": "llama_jax", "devices": 1, "remat": "none", "attention": "auto", "loss_chunk": 128,
-                        "xla_flags": ""},
-    "llama_jax-lean": {"kind": "llama_jax", "devices": 1, **LEAN, "xla_flags": ""},
-    "llama_jax-2dev": {"kind": "llama_jax", "devices": 2, "remat": "none", "attention": "auto", "loss_chunk": 0,
-                       "xla_flags": ""},
+    "llama_jax": dict(SHIPPED),
+    "llama_jax-full-logits": dict(SHIPPED, loss_chunk=0),
+    "llama_jax-unfused-proj": dict(SHIPPED, fuse_projections=False),
+    "llama_jax-lean": dict(SHIPPED, **LEAN),
+    "llama_jax-2dev": dict(SHIPPED, devices=2),
+    # XLA:CPU options a careful user might turn on (numerics-preserving ones only; fast-math is not tried)
+    "xla+onednn": dict(SHIPPED, xla_flags="--xla_cpu_use_onednn=true"),
+    "xla-no-ynn": dict(SHIPPED, xla_flags="--xla_cpu_experimental_ynn_fusion_type="),
+    "xla+concurrency-scheduler": dict(SHIPPED, xla_flags="--xla_cpu_enable_concurrency_optimized_scheduler=true"),
     "flax-naive": {"kind": "flax_naive", "devices": 1, "xla_flags": ""},
     "hf-torch": {"kind": "hf_torch"},
 }
@@ -128,12 +140,15 @@ def child_llama_jax(v: dict, args) -> dict:
     from llama_jax.train.optim import OptimConfig
 
     base = _rss_kib()
-    cfg = config.get("tiny-bench", remat=v["remat"], attention=v["attention"])
+    from llama_jax.train import loss as loss_lib
+
+    cfg = config.get("tiny-bench", remat=v["remat"], attention=v["attention"],
+                     fuse_projections=v["fuse_projections"])
     ocfg = OptimConfig(peak_lr=3e-4, warmup_steps=10, total_steps=1000)
     mesh = mesh_lib.make_mesh({"data": -1}, devices=jax.devices()[:v["devices"]])
     rules = rules_lib.get_rules("dp")
     state, shardings = step_lib.init_train_state(cfg, ocfg, mesh, rules, jax.random.key(0))
-    step = step_lib.jit_train_step(step_lib.make_train_step(cfg, ocfg, loss_chunk=v["loss_chunk"]), mesh, rules,
+    step = step_lib.jit_train_step(step_lib.make_train_step(cfg, ocfg, loss_chunk=loss_lib.resolve_chunk(v["loss_chunk"])), mesh, rules,
                                    shardings)
     batch = batch_lib.make_global_batch(_batch_np(cfg.vocab_size), mesh)
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes

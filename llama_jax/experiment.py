@@ -7,7 +7,8 @@ An experiment (`experiments/NAME.py`, `get_config(arg)`) is an ml_collections Co
     stages: [stage, ...]  run in order; each starts from the previous stage's final parameters.
 
 A stage: name, kind ("pretrain"), phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum,
-loss_chunk, and optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE base or
+loss_chunk (positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's
+choice, `train.loss.resolve_chunk`), and optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE base or
 a different mixture); a kind reads its own settings from the stage's `options` (validated by the kind's
 `options` hook). Phases: [{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
 step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
@@ -24,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 from llama_jax.model import config as model_config
+from llama_jax.train import loss as loss_lib
 from llama_jax.train.optim import OptimConfig
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
@@ -152,7 +154,7 @@ def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dic
 
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,
-          kind: str = "pretrain", grad_accum: int = 1, loss_chunk: int = 0, model_overrides: dict | None = None,
+          kind: str = "pretrain", grad_accum: int = 1, loss_chunk: int = -1, model_overrides: dict | None = None,
           data: dict | None = None, options: dict | None = None) -> dict:
     """A stage; give its length as `steps` or `tokens` (converted to whole steps through the phases)."""
     out = dict(name=name, kind=kind, phases=list(phases), steps=int(steps), tokens=int(tokens),
@@ -309,7 +311,7 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
     for index, st in enumerate(c.stages):
         st = dict(st)
         st.setdefault("kind", "pretrain")
-        for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", 0),
+        for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", -1),
                              ("model_overrides", {}), ("data", {}), ("options", {})):
             st.setdefault(key, default)
         if st["kind"] not in kinds:
@@ -326,8 +328,9 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                                  f"context parallelism needs a multiple of 2 x context = {2 * cp}")
         if int(st["grad_accum"]) < 1:
             raise ValueError(f"stage {st['name']!r}: grad_accum={st['grad_accum']} must be >= 1")
-        if int(st["loss_chunk"]) < 0:
-            raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0")
+        if int(st["loss_chunk"]) < -1:
+            raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0 (0: full logits), "
+                             "or -1 for the platform's default")
         data = c.data.to_dict()
         unknown_data = sorted(set(st["data"]) - set(data))
         if unknown_data:
@@ -352,7 +355,8 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
-                            total_steps=total, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
+                            total_steps=total, grad_accum=int(st["grad_accum"]),
+                            loss_chunk=loss_lib.resolve_chunk(int(st["loss_chunk"])),
                             init_source=init_source, seed=int(c.seed), options=_freeze(options)))
         _check_options(stages[-1])
     return stages

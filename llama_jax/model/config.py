@@ -51,6 +51,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"  # see llama_jax.model.attention; "xla" is the plain reference
+    fuse_projections: bool = True  # Q/K/V and gate/up each as one matmul (same parameters, fewer larger GEMMs)
     init_std: float = 0.02
 
     def __post_init__(self):

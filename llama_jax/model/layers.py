@@ -90,15 +90,23 @@ def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: np.ndarray) -> Arra
 # --------------------------------------------------------------------------------------------- Attention
 
 
+def _kernel(module: nn.Module, name: str, shape: tuple, names: tuple) -> Array:
+    """A bias-free linear map's weight: parameter `name/kernel` of `shape` with logical axes `names`."""
+    cfg = module.cfg
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), names),
+                        shape, _dtype(cfg.param_dtype))
+
+
+def _matmul(spec: str, x: Array, kernel: Array, dtype) -> Array:
+    """einsum in the compute dtype with float32 accumulation, cast back to the compute dtype."""
+    out = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
 def _project(module: nn.Module, name: str, x: Array, shape: tuple, names: tuple, spec: str) -> Array:
     """A bias-free linear map: parameter `name/kernel` of `shape` (logical axes `names`), applied by einsum in
     the compute dtype with float32 accumulation."""
-    cfg = module.cfg
-    kernel = module.param(name, nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), names),
-                          shape, _dtype(cfg.param_dtype))
-    dtype = _dtype(cfg.dtype)
-    out = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+    return _matmul(spec, x, _kernel(module, name, shape, names), _dtype(module.cfg.dtype))
 
 
 class Attention(nn.Module):
@@ -116,9 +124,23 @@ class Attention(nn.Module):
         dtype = _dtype(cfg.dtype)
         h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
 
-        q = _project(self, "wq", x_BTD, (cfg.dim, h, dh), ("embed", "heads", "head_dim"), "btd,dhk->bthk")
-        kk = _project(self, "wk", x_BTD, (cfg.dim, k, dh), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk")
-        v = _project(self, "wv", x_BTD, (cfg.dim, k, dh), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk")
+        wq = _kernel(self, "wq", (cfg.dim, h, dh), ("embed", "heads", "head_dim"))
+        wk = _kernel(self, "wk", (cfg.dim, k, dh), ("embed", "kv_heads", "head_dim"))
+        wv = _kernel(self, "wv", (cfg.dim, k, dh), ("embed", "kv_heads", "head_dim"))
+        if cfg.fuse_projections:
+            # One matmul for Q, K and V: the query heads are grouped under their KV head ([D, K, G, Dh]) and
+            # each group gets its K and V columns appended ([D, K, G + 2, Dh]), so the concatenation runs along
+            # an axis no rule shards (a heads/kv_heads split stays where it is). Parameters keep their layout.
+            g = h // k
+            w_qkv = jnp.concatenate([wq.reshape(cfg.dim, k, g, dh), wk[:, :, None], wv[:, :, None]], axis=2)
+            qkv = _matmul("btd,dkgh->btkgh", x_BTD, w_qkv, dtype)
+            b, t = qkv.shape[:2]
+            q = qkv[:, :, :, :g].reshape(b, t, h, dh)
+            kk, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        else:
+            q = _matmul("btd,dhk->bthk", x_BTD, wq, dtype)
+            kk = _matmul("btd,dhk->bthk", x_BTD, wk, dtype)
+            v = _matmul("btd,dhk->bthk", x_BTD, wv, dtype)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         kk = constrain(kk, ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
@@ -163,8 +185,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: Array) -> Array:
         cfg = self.cfg
-        gate = _project(self, "w1", x_BTD, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), "btd,df->btf")
-        up = _project(self, "w3", x_BTD, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), "btd,df->btf")
+        w1 = _kernel(self, "w1", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"))
+        w3 = _kernel(self, "w3", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"))
+        if cfg.fuse_projections:  # gate and up in one matmul, stacked on a new (unsharded) axis
+            gate_up = _matmul("btd,dsf->btsf", x_BTD, jnp.stack([w1, w3], axis=1), _dtype(cfg.dtype))
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        else:
+            gate = _matmul("btd,df->btf", x_BTD, w1, _dtype(cfg.dtype))
+            up = _matmul("btd,df->btf", x_BTD, w3, _dtype(cfg.dtype))
         hidden = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
         hidden = checkpoint_name(hidden, "mlp_hidden")
         return _project(self, "w2", hidden, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), "btf,fd->btd")

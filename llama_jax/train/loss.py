@@ -40,6 +40,19 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------- chunked (fused) loss
 
+# Positions per chunk when a stage leaves `loss_chunk` at -1, by platform. CPU: the fused loss is faster and
+# leaner than full logits (benchmarks/README.md, "Train throughput"). Accelerators keep full logits until measured
+# there; the paper-scale experiments set their own chunk.
+DEFAULT_CHUNK = {"cpu": 128}
+
+
+def resolve_chunk(loss_chunk: int, platform: str | None = None) -> int:
+    """A stage's `loss_chunk` made concrete: -1 means `DEFAULT_CHUNK` for `platform` (default: JAX's backend),
+    0 full logits; a positive value is returned as it is."""
+    if loss_chunk != -1:
+        return int(loss_chunk)
+    return DEFAULT_CHUNK.get(platform or jax.default_backend(), 0)
+
 
 def chunked_cross_entropy_sum(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
                               mask_BT: jax.Array, chunk_size: int):

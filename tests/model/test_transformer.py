@@ -83,6 +83,23 @@ def test_scanned_equals_unrolled(params):
     assert jax.tree.structure(shapes) == jax.tree.structure(per_layer)
 
 
+def test_fused_projections_equal_separate_matmuls(params):
+    """Q/K/V and gate/up computed as one matmul each give the same function and gradients as five separate
+    matmuls, from the same parameters (the parameter tree does not depend on the setting)."""
+    tokens = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 12))
+    separate = CFG.replace(fuse_projections=False)
+    assert CFG.fuse_projections
+    assert jax.tree.structure(model.param_shapes(separate)) == jax.tree.structure(params)
+    np.testing.assert_allclose(model.forward(CFG, params, tokens), model.forward(separate, params, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(p, cfg):
+        return jnp.mean(jax.nn.log_softmax(model.forward(cfg, p, tokens))[..., 1])
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.grad(loss)(params, CFG), jax.grad(loss)(params, separate))
+
+
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_qkv_out"])
 def test_remat_policies_do_not_change_gradients(params, policy):
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 8))
