@@ -23,15 +23,24 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
 
 from llama_jax import experiment as E
 
-_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context")
+_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context", "passkey")
+
+
+def _tiny_sources(code: float, prose: float, passkey: float, length: int) -> list[dict]:
+    """The embedded corpus (code, prose) scaled to 1 - passkey, plus synthetic passkey documents of about
+    half to all of `length` tokens (about 2.3 characters per token with the embedded tokenizer), left out of
+    evaluation so that the short-context validation loss compares the same data at every stage."""
+    out = [dict(name="stdlib_code", kind="corpus", path="code", weight=code * (1 - passkey)),
+           dict(name="stdlib_prose", kind="corpus", path="prose", weight=prose * (1 - passkey))]
+    if passkey > 0:
+        out.append(dict(name="passkey", kind="passkey", weight=passkey, eval_split="none",
+                        options=dict(documents=2048, min_chars=length, max_chars=int(2.1 * length))))
+    return out
 
 
 def _tiny(a):
     c = E.base_config()
-    c.data.sources = [
-        dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
-        dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.3),
-    ]
+    c.data.sources = _tiny_sources(0.7, 0.3, a.passkey, 256)
     c.model.preset = "tiny"
     c.model.attention = "auto"
     c.sharding_rules = "dp"
@@ -42,16 +51,16 @@ def _tiny(a):
     later = max(a.steps // 4, 4)
     tokens_per_batch = 16 * 256
     stages = [E.stage("pretrain", [E.phase(256, 16)], E.optim(a.lr, 30, final_lr_ratio=0.1), steps=a.steps)]
-    gates = dict(short_seq_len=256, short_tolerance=a.tol, needle_threshold=a.needle, needle_trials=2,
-                 needle_depths=[0.0, 0.5, 1.0])
+    gates = dict(short_seq_len=256, short_tolerance=a.tol, needle_threshold=a.needle, needle_trials=4,
+                 needle_depths=[0.0, 0.25, 0.5, 0.75, 1.0], needle_lengths=[256, 512, 1024, 2048])
     for length in (512, 1024, 2048):
         stages.append(E.stage(f"long_{length}", [E.phase(length, tokens_per_batch // length)],
                               E.optim(a.lr / 3, 5, final_lr_ratio=0.1), steps=later, kind="long_context",
-                              options=gates))
+                              options=dict(gates, needle_lengths=[n for n in gates["needle_lengths"] if n <= length]),
+                              data=dict(sources=_tiny_sources(0.7, 0.3, a.passkey, length))))
     stages.append(E.stage("anneal", [E.phase(2048, 2)], E.optim(a.lr / 3, 0, decay="linear", final_lr_ratio=0.0),
                           steps=later, kind="anneal", options=dict(average_last=3),
-                          data=dict(sources=[dict(name="stdlib_code", kind="corpus", path="code", weight=0.3),
-                                             dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.7)])))
+                          data=dict(sources=_tiny_sources(0.3, 0.7, a.passkey, 2048))))
     c.stages = stages
     return c
 
@@ -84,7 +93,7 @@ def _paper():
 
 
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1)
+    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1, passkey=0.2)
     E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else ())
     if a.variant == "tiny":
         return _tiny(a)

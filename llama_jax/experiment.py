@@ -9,7 +9,10 @@ An experiment (`experiments/NAME.py`, `get_config(arg)`) is an ml_collections Co
 A stage: name, kind ("pretrain"), phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum,
 loss_chunk, and optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE base or
 a different mixture); a kind reads its own settings from the stage's `options` (validated by the kind's
-`options` hook). Phases: [{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
+`options` hook; two options of the long_context and anneal kinds are read by the driver when the stage
+starts from the previous one: `carry_optimizer` (AdamW moments carried over, the LR schedule restarted) and
+`continue_data` (the previous stage's document stream continued, no document repeated). Phases:
+[{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
 step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
 tokens reach `until_tokens` (the last phase runs to the end of the stage).
 """
@@ -93,6 +96,8 @@ class Stage:
     seed: int
     # the kind's own settings (gates, averaging, post-training data), validated by the kind's `options` hook
     options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    # the stage whose data stream this one continues (its own index unless option continue_data is set)
+    stream_index: int = -1
 
     @property
     def schedule_steps(self) -> int:
@@ -103,8 +108,20 @@ class Stage:
         return max(i for i, p in enumerate(self.phases) if p.first_step <= step)
 
     def iterator_seed(self) -> int:
-        """The seed of the stage's one data stream (all its phases share it)."""
-        return (self.seed * 1_000_003 + self.index * 1009) % (2 ** 31)
+        """The seed of the stage's one data stream (all its phases share it; a stage that continues the previous
+        stage's stream, option `continue_data`, shares that stream's seed)."""
+        index = self.stream_index if self.stream_index >= 0 else self.index
+        return (self.seed * 1_000_003 + index * 1009) % (2 ** 31)
+
+    @property
+    def carry_optimizer(self) -> bool:
+        """Option `carry_optimizer` (long_context, anneal): start from the previous stage's optimizer state."""
+        return bool(self.options.get("carry_optimizer", False)) and self.init_source.startswith("previous:")
+
+    @property
+    def continue_data(self) -> bool:
+        """Option `continue_data` (long_context, anneal): continue the previous stage's document stream."""
+        return bool(self.options.get("continue_data", False)) and self.init_source.startswith("previous:")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -349,11 +366,15 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                 raise ValueError(f"stage {st['name']!r}: options.start_from={start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")
             init_source = f"previous:{start_from}"
+        stream_index = index
+        if options.get("continue_data") and init_source.startswith("previous:"):
+            stream_index = stages[names.index(init_source.partition(":")[2])].stream_index
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                             total_steps=total, grad_accum=int(st["grad_accum"]), loss_chunk=int(st["loss_chunk"]),
-                            init_source=init_source, seed=int(c.seed), options=_freeze(options)))
+                            init_source=init_source, seed=int(c.seed), options=_freeze(options),
+                            stream_index=stream_index))
         _check_options(stages[-1])
     return stages
 
@@ -388,7 +409,7 @@ def _check_sources(sources) -> None:
     import glob
     import os
     for s in sources:
-        if s.get("kind", "corpus") == "corpus":
+        if s.get("kind", "corpus") in ("corpus", "passkey"):  # built in, no files
             continue
         path = s.get("path")
         if not path or not (os.path.exists(path) or glob.glob(path)):
