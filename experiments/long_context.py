@@ -12,6 +12,11 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   passkey task, so the tiny default threshold is 0.0 and the heat maps record the measured accuracy).
   Knobs: steps (pretrain steps; each later stage runs steps/4), lr, tol, needle, context (mesh.context: 1, 2 or 4
   work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
+* `probe` — the paper's data-value probe (section 3.1.3) at tiny size: a half-trained model (pretrain on code,
+  `steps` of a 2 x `steps` schedule) annealed twice, without and with prose as the new source at `weight` of
+  the mix (the paper: 30%); `llama_jax.train.long_context.data_value_report` on the results compares the
+  held-out loss (code + prose) of the two averaged models. Knobs: steps (200), lr, weight. CPU.
+      python -m llama_jax.main --config=experiments/long_context.py:probe,steps=40 --workdir=/tmp/llama_probe
 * `paper` — Llama 3.1 8B: the 8K pretraining is `experiments/pretrain.py:llama3.1-8b` (give its checkpoints as
   `init_from`); here six long_context stages 8K -> 16K -> 32K -> 64K -> 96K -> 128K (the paper gives six stages
   and ~800B tokens, not the lengths: these are a choice), 4M tokens per batch throughout (batch 256 x 16K ...
@@ -92,11 +97,38 @@ def _paper():
     return c
 
 
+_PROBE_KNOBS = ("steps", "lr", "weight")
+
+
+def _probe(a):
+    """The data-value probe at tiny size: pretrain on code for `steps` steps of a 2 x `steps` schedule (a
+    half-trained model), then anneal it twice for steps/2 steps (LR linear to 0): on code alone and with prose
+    (the "new data") at `weight` of the mix; both evaluated on held-out code + prose."""
+    c = E.base_config()
+    code = dict(name="stdlib_code", kind="corpus", path="code", weight=1.0)
+    prose = dict(name="stdlib_prose", kind="corpus", path="prose")
+    c.data.sources = [code]
+    c.model.preset = "tiny"
+    c.sharding_rules = "dp"
+    c.sample.max_new_tokens = 0
+    c.eval.update(every_steps=0, batches=4)
+    c.checkpoint.update(every_steps=max(a.steps // 8, 1), keep=4, async_save=False)
+    phases = [E.phase(256, 16)]
+    c.stages = [E.stage("pretrain", phases, E.optim(a.lr, 30, schedule_steps=2 * a.steps), steps=a.steps)]
+    c.stages += E.data_value_probe(
+        "pretrain", [code], prose, a.weight, phases, E.optim(a.lr / 2, 0, decay="linear", final_lr_ratio=0.0),
+        steps=max(a.steps // 2, 2), average_last=2)
+    return c
+
+
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1, passkey=0.2)
-    E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else ())
+    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1, passkey=0.2,
+                    weight=0.3)
+    E.check_knobs(arg, a.variant, {"tiny": _TINY_KNOBS, "probe": _PROBE_KNOBS}.get(a.variant, ()))
+    if a.variant == "probe":
+        return _probe(a)
     if a.variant == "tiny":
         return _tiny(a)
     if a.variant == "paper":
         return _paper()
-    raise ValueError(f"unknown variant {a.variant!r} of experiments/long_context.py; known: tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r} of experiments/long_context.py; known: tiny, probe, paper")

@@ -180,6 +180,33 @@ def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, to
     return out
 
 
+def data_value_probe(start_from: str, sources: list[dict], new_source: dict, weight: float, phases: list[dict],
+                     optim_cfg: dict, steps: int, average_last: int = 1) -> list[dict]:
+    """The data-value probe (Llama 3 section 3.1.3: anneal a half-trained model with a new dataset at a given
+    share of the mix and compare with the same anneal without it): two `anneal` stages, both starting from
+    the final checkpoint of stage `start_from` (optimizer and data stream continued) with the same phases,
+    optimizer (give `decay="linear", final_lr_ratio=0.0`), length and seed:
+
+        probe_base   `sources` as they are, plus `new_source` at weight 0 (not trained on, still evaluated)
+        probe_new    `sources` scaled to 1 - weight, plus `new_source` at `weight`
+
+    Both evaluate on the same held-out data (every source's eval split, the new one's included). Add the
+    returned stages after `start_from` in an experiment's `stages`;
+    `llama_jax.train.long_context.data_value_report` compares them."""
+    if not 0.0 < float(weight) < 1.0:
+        raise ValueError(f"data-value probe: weight={weight} must be in (0, 1)")
+    names = [s["name"] for s in sources]
+    if new_source["name"] in names:
+        raise ValueError(f"data-value probe: the new source {new_source['name']!r} is already one of {names}")
+    total = sum(float(s.get("weight", 1.0)) for s in sources)
+    base = [dict(s) for s in sources] + [dict(new_source, weight=0.0)]
+    new = ([dict(s, weight=float(s.get("weight", 1.0)) / total * (1.0 - float(weight))) for s in sources]
+           + [dict(new_source, weight=float(weight))])
+    options = dict(average_last=int(average_last), start_from=start_from)
+    return [stage(name, phases, optim_cfg, steps=steps, kind="anneal", options=options, data=dict(sources=mix))
+            for name, mix in (("probe_base", base), ("probe_new", new))]
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment."""
     c = ml_collections.ConfigDict()

@@ -206,5 +206,17 @@ class Anneal(kinds_lib.Pretrain):
         return out
 
 
+def data_value_report(results: dict) -> dict:
+    """The probe's outcome from the two stages' results (DONE.json): held-out loss of the averaged model
+    without (`base_loss`) and with (`new_loss`) the new source, and `gain` = base_loss - new_loss (> 0: the
+    new data helped on this held-out set)."""
+    missing = [n for n in ("probe_base", "probe_new") if "averaged_loss" not in (results.get(n) or {})]
+    if missing:
+        raise ValueError(f"data-value probe: stage(s) {missing} recorded no held-out loss (finished, with "
+                         "eval.batches > 0?)")
+    base, new = float(results["probe_base"]["averaged_loss"]), float(results["probe_new"]["averaged_loss"])
+    return {"base_loss": base, "new_loss": new, "gain": base - new}
+
+
 kinds_lib.register(LongContext())
 kinds_lib.register(Anneal())

@@ -17,6 +17,7 @@ from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import loop
 from llama_jax.train import step as step_lib
+from llama_jax.train import long_context
 from llama_jax.train.long_context import GateFailed
 from tests.train.test_driver import _config
 
@@ -190,3 +191,32 @@ def test_stage_transition_carries_params_optimizer_and_data_as_configured(data_c
         assert crcs(wd, "long") == crcs(one, "pretrain")[3:]
     else:
         assert not set(crcs(wd, "long")) & set(crcs(one, "pretrain")[3:])
+
+
+def test_data_value_probe_anneals_one_checkpoint_with_and_without_the_new_source(data_cache, tmp_path):
+    """Two anneals of the same half-trained checkpoint (code only; prose as the new source at 30%): both start
+    from its parameters, evaluate the same held-out data, and the report is the difference of their losses."""
+    c = _config(data_cache, **{"eval.batches": 1})
+    code = dict(name="stdlib_code", kind="corpus", path="code", weight=1.0)
+    prose = dict(name="stdlib_prose", kind="corpus", path="prose")
+    c.data.sources = [code]
+    c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1, schedule_steps=4), steps=2)]
+    c.stages += E.data_value_probe("pretrain", [code], prose, 0.3, [E.phase(32, 8)],
+                                   E.optim(1e-3, 0, decay="linear", final_lr_ratio=0.0), steps=2)
+    stages = {s.name: s for s in E.resolve(c)}
+    assert stages["probe_base"].init_source == stages["probe_new"].init_source == "previous:pretrain"
+    assert [s["weight"] for s in stages["probe_base"].data["sources"]] == [1.0, 0.0]
+    assert [s["weight"] for s in stages["probe_new"].data["sources"]] == pytest.approx([0.7, 0.3])
+    results = loop.run_experiment(c, str(tmp_path / "run"))
+    cfg = stages["pretrain"].model
+    start = _stage_params(tmp_path / "run", "pretrain", cfg)
+    for name in ("probe_base", "probe_new"):
+        jax.tree.map(np.testing.assert_array_equal, _stage_params(tmp_path / "run", name, cfg, 0), start)
+    report = long_context.data_value_report(results)
+    assert report["base_loss"] == results["probe_base"]["averaged_loss"]
+    assert report["gain"] == pytest.approx(report["base_loss"] - report["new_loss"])
+    assert report["base_loss"] != report["new_loss"]
+    with pytest.raises(ValueError, match=r"weight=1.5 must be in \(0, 1\)"):
+        E.data_value_probe("pretrain", [code], prose, 1.5, [E.phase(32, 8)], E.optim(1e-3, 0), steps=2)
+    with pytest.raises(ValueError, match=r"stage\(s\) \['probe_new'\] recorded no held-out loss"):
+        long_context.data_value_report({"probe_base": results["probe_base"]})
