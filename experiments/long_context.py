@@ -12,6 +12,11 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   passkey task, so the tiny default threshold is 0.0 and the heat maps record the measured accuracy).
   Knobs: steps (pretrain steps; each later stage runs steps/4), lr, tol, needle, context (mesh.context: 1, 2 or 4
   work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
+* `probe` — the paper's data-value probe (section 3.1.3) at tiny size: a half-trained model (pretrain on code,
+  `steps` of a 2 x `steps` schedule) annealed twice, without and with prose as the new source at `weight` of
+  the mix (the paper: 30%); `llama_jax.train.long_context.data_value_report` on the results compares the
+  held-out loss (code + prose) of the two averaged models. Knobs: steps (200), lr, weight. CPU.
+      python -m llama_jax.main --config=experiments/long_context.py:probe,steps=40 --workdir=/tmp/llama_probe
 * `paper` — Llama 3.1 8B: the 8K pretraining is `experiments/pretrain.py:llama3.1-8b` (give its checkpoints as
   `init_from`); here six long_context stages 8K -> 16K -> 32K -> 64K -> 96K -> 128K (the paper gives six stages
   and ~800B tokens, not the lengths: these are a choice), 4M tokens per batch throughout (batch 256 x 16K ...
@@ -23,15 +28,24 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
 
 from llama_jax import experiment as E
 
-_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context")
+_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context", "passkey")
+
+
+def _tiny_sources(code: float, prose: float, passkey: float, length: int) -> list[dict]:
+    """The embedded corpus (code, prose) scaled to 1 - passkey, plus synthetic passkey documents of about
+    half to all of `length` tokens (about 2.3 characters per token with the embedded tokenizer), left out of
+    evaluation so that the short-context validation loss compares the same data at every stage."""
+    out = [dict(name="stdlib_code", kind="corpus", path="code", weight=code * (1 - passkey)),
+           dict(name="stdlib_prose", kind="corpus", path="prose", weight=prose * (1 - passkey))]
+    if passkey > 0:
+        out.append(dict(name="passkey", kind="passkey", weight=passkey, eval_split="none",
+                        options=dict(documents=2048, min_chars=length, max_chars=int(2.1 * length))))
+    return out
 
 
 def _tiny(a):
     c = E.base_config()
-    c.data.sources = [
-        dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
-        dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.3),
-    ]
+    c.data.sources = _tiny_sources(0.7, 0.3, a.passkey, 256)
     c.model.preset = "tiny"
     c.model.attention = "auto"
     c.sharding_rules = "dp"
@@ -42,16 +56,16 @@ def _tiny(a):
     later = max(a.steps // 4, 4)
     tokens_per_batch = 16 * 256
     stages = [E.stage("pretrain", [E.phase(256, 16)], E.optim(a.lr, 30, final_lr_ratio=0.1), steps=a.steps)]
-    gates = dict(short_seq_len=256, short_tolerance=a.tol, needle_threshold=a.needle, needle_trials=2,
-                 needle_depths=[0.0, 0.5, 1.0])
+    gates = dict(short_seq_len=256, short_tolerance=a.tol, needle_threshold=a.needle, needle_trials=4,
+                 needle_depths=[0.0, 0.25, 0.5, 0.75, 1.0], needle_lengths=[256, 512, 1024, 2048])
     for length in (512, 1024, 2048):
         stages.append(E.stage(f"long_{length}", [E.phase(length, tokens_per_batch // length)],
                               E.optim(a.lr / 3, 5, final_lr_ratio=0.1), steps=later, kind="long_context",
-                              options=gates))
+                              options=dict(gates, needle_lengths=[n for n in gates["needle_lengths"] if n <= length]),
+                              data=dict(sources=_tiny_sources(0.7, 0.3, a.passkey, length))))
     stages.append(E.stage("anneal", [E.phase(2048, 2)], E.optim(a.lr / 3, 0, decay="linear", final_lr_ratio=0.0),
                           steps=later, kind="anneal", options=dict(average_last=3),
-                          data=dict(sources=[dict(name="stdlib_code", kind="corpus", path="code", weight=0.3),
-                                             dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.7)])))
+                          data=dict(sources=_tiny_sources(0.3, 0.7, a.passkey, 2048))))
     c.stages = stages
     return c
 
@@ -83,11 +97,38 @@ def _paper():
     return c
 
 
+_PROBE_KNOBS = ("steps", "lr", "weight")
+
+
+def _probe(a):
+    """The data-value probe at tiny size: pretrain on code for `steps` steps of a 2 x `steps` schedule (a
+    half-trained model), then anneal it twice for steps/2 steps (LR linear to 0): on code alone and with prose
+    (the "new data") at `weight` of the mix; both evaluated on held-out code + prose."""
+    c = E.base_config()
+    code = dict(name="stdlib_code", kind="corpus", path="code", weight=1.0)
+    prose = dict(name="stdlib_prose", kind="corpus", path="prose")
+    c.data.sources = [code]
+    c.model.preset = "tiny"
+    c.sharding_rules = "dp"
+    c.sample.max_new_tokens = 0
+    c.eval.update(every_steps=0, batches=4)
+    c.checkpoint.update(every_steps=max(a.steps // 8, 1), keep=4, async_save=False)
+    phases = [E.phase(256, 16)]
+    c.stages = [E.stage("pretrain", phases, E.optim(a.lr, 30, schedule_steps=2 * a.steps), steps=a.steps)]
+    c.stages += E.data_value_probe(
+        "pretrain", [code], prose, a.weight, phases, E.optim(a.lr / 2, 0, decay="linear", final_lr_ratio=0.0),
+        steps=max(a.steps // 2, 2), average_last=2)
+    return c
+
+
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1)
-    E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else ())
+    a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1, passkey=0.2,
+                    weight=0.3)
+    E.check_knobs(arg, a.variant, {"tiny": _TINY_KNOBS, "probe": _PROBE_KNOBS}.get(a.variant, ()))
+    if a.variant == "probe":
+        return _probe(a)
     if a.variant == "tiny":
         return _tiny(a)
     if a.variant == "paper":
         return _paper()
-    raise ValueError(f"unknown variant {a.variant!r} of experiments/long_context.py; known: tiny, paper")
+    raise ValueError(f"unknown variant {a.variant!r} of experiments/long_context.py; known: tiny, probe, paper")

@@ -10,7 +10,10 @@ A stage: name, kind ("pretrain"), phases (batch / sequence-length ramp), steps o
 loss_chunk (positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's
 choice, `train.loss.resolve_chunk`), and optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE base or
 a different mixture); a kind reads its own settings from the stage's `options` (validated by the kind's
-`options` hook). Phases: [{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
+`options` hook; two options of the long_context and anneal kinds are read by the driver when the stage
+starts from the previous one: `carry_optimizer` (AdamW moments carried over, the LR schedule restarted) and
+`continue_data` (the previous stage's document stream continued, no document repeated). Phases:
+[{seq_len, global_batch, until_tokens}] — a new compiled step per shape, each
 step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
 tokens reach `until_tokens` (the last phase runs to the end of the stage).
 """
@@ -95,6 +98,8 @@ class Stage:
     seed: int
     # the kind's own settings (gates, averaging, post-training data), validated by the kind's `options` hook
     options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
+    # the stage whose data stream this one continues (its own index unless option continue_data is set)
+    stream_index: int = -1
 
     @property
     def schedule_steps(self) -> int:
@@ -105,8 +110,20 @@ class Stage:
         return max(i for i, p in enumerate(self.phases) if p.first_step <= step)
 
     def iterator_seed(self) -> int:
-        """The seed of the stage's one data stream (all its phases share it)."""
-        return (self.seed * 1_000_003 + self.index * 1009) % (2 ** 31)
+        """The seed of the stage's one data stream (all its phases share it; a stage that continues the previous
+        stage's stream, option `continue_data`, shares that stream's seed)."""
+        index = self.stream_index if self.stream_index >= 0 else self.index
+        return (self.seed * 1_000_003 + index * 1009) % (2 ** 31)
+
+    @property
+    def carry_optimizer(self) -> bool:
+        """Option `carry_optimizer` (long_context, anneal): start from the previous stage's optimizer state."""
+        return bool(self.options.get("carry_optimizer", False)) and self.init_source.startswith("previous:")
+
+    @property
+    def continue_data(self) -> bool:
+        """Option `continue_data` (long_context, anneal): continue the previous stage's document stream."""
+        return bool(self.options.get("continue_data", False)) and self.init_source.startswith("previous:")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -163,6 +180,33 @@ def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, to
     if options:
         out["options"] = dict(options)
     return out
+
+
+def data_value_probe(start_from: str, sources: list[dict], new_source: dict, weight: float, phases: list[dict],
+                     optim_cfg: dict, steps: int, average_last: int = 1) -> list[dict]:
+    """The data-value probe (Llama 3 section 3.1.3: anneal a half-trained model with a new dataset at a given
+    share of the mix and compare with the same anneal without it): two `anneal` stages, both starting from
+    the final checkpoint of stage `start_from` (optimizer and data stream continued) with the same phases,
+    optimizer (give `decay="linear", final_lr_ratio=0.0`), length and seed:
+
+        probe_base   `sources` as they are, plus `new_source` at weight 0 (not trained on, still evaluated)
+        probe_new    `sources` scaled to 1 - weight, plus `new_source` at `weight`
+
+    Both evaluate on the same held-out data (every source's eval split, the new one's included). Add the
+    returned stages after `start_from` in an experiment's `stages`;
+    `llama_jax.train.long_context.data_value_report` compares them."""
+    if not 0.0 < float(weight) < 1.0:
+        raise ValueError(f"data-value probe: weight={weight} must be in (0, 1)")
+    names = [s["name"] for s in sources]
+    if new_source["name"] in names:
+        raise ValueError(f"data-value probe: the new source {new_source['name']!r} is already one of {names}")
+    total = sum(float(s.get("weight", 1.0)) for s in sources)
+    base = [dict(s) for s in sources] + [dict(new_source, weight=0.0)]
+    new = ([dict(s, weight=float(s.get("weight", 1.0)) / total * (1.0 - float(weight))) for s in sources]
+           + [dict(new_source, weight=float(weight))])
+    options = dict(average_last=int(average_last), start_from=start_from)
+    return [stage(name, phases, optim_cfg, steps=steps, kind="anneal", options=options, data=dict(sources=mix))
+            for name, mix in (("probe_base", base), ("probe_new", new))]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -352,12 +396,16 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                 raise ValueError(f"stage {st['name']!r}: options.start_from={start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")
             init_source = f"previous:{start_from}"
+        stream_index = index
+        if options.get("continue_data") and init_source.startswith("previous:"):
+            stream_index = stages[names.index(init_source.partition(":")[2])].stream_index
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                             total_steps=total, grad_accum=int(st["grad_accum"]),
                             loss_chunk=loss_lib.resolve_chunk(int(st["loss_chunk"])),
-                            init_source=init_source, seed=int(c.seed), options=_freeze(options)))
+                            init_source=init_source, seed=int(c.seed), options=_freeze(options),
+                            stream_index=stream_index))
         _check_options(stages[-1])
     return stages
 
@@ -392,7 +440,7 @@ def _check_sources(sources) -> None:
     import glob
     import os
     for s in sources:
-        if s.get("kind", "corpus") == "corpus":
+        if s.get("kind", "corpus") in ("corpus", "passkey"):  # built in, no files
             continue
         path = s.get("path")
         if not path or not (os.path.exists(path) or glob.glob(path)):

@@ -40,7 +40,8 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
     - ``split``: ``"train"`` (default) / ``"validation"`` select by the stable document hash of
       :func:`llama_jax.data.corpus.is_validation`; ``"all"`` takes every document (the only choice for
       ``"array_record"``, whose files are expected to be split already),
-    - ``eval_split``: split read by the evaluation iterator (default ``"validation"``),
+    - ``eval_split``: split read by the evaluation iterator (default ``"validation"``; ``"none"`` leaves the
+      source out of evaluation, e.g. a synthetic source whose loss should not move a validation gate),
     - ``weight`` (float >= 0, default 1.0; zero leaves the source out of training),
     - ``text_key``: JSON key of the text (default ``"text"`` for jsonl; for array_record records are raw UTF-8
       text unless ``text_key`` is given, then each record is a JSON object).
@@ -72,10 +73,11 @@ import numpy as np
 
 from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus
+from llama_jax.data import passkey
 from llama_jax.data.batch import BATCH_KEYS, make_global_batch
 from llama_jax.data.tokenizer import Tokenizer
 
-KINDS = ("corpus", "jsonl", "text", "array_record")
+KINDS = ("corpus", "jsonl", "text", "array_record", "passkey")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,7 @@ class SourceSpec:
     eval_split: str = "validation"
     weight: float = 1.0
     text_key: str | None = None
+    options: Mapping[str, Any] | None = None  # settings of a synthetic kind (``passkey``)
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any], index: int) -> "SourceSpec":
@@ -102,7 +105,7 @@ class SourceSpec:
         spec = cls(**entry)
         if spec.kind not in KINDS:
             raise ValueError(f"data source {spec.name!r}: unknown kind {spec.kind!r}; expected one of {KINDS}")
-        for split in (spec.split, spec.eval_split):
+        for split in (spec.split,) + ((spec.eval_split,) if spec.eval_split != "none" else ()):
             if split not in ("train", "validation", "all"):
                 raise ValueError(f"data source {spec.name!r}: unknown split {split!r}")
             if spec.kind == "array_record" and split != "all":
@@ -110,7 +113,11 @@ class SourceSpec:
                     f"data source {spec.name!r}: array_record sources are read whole; set split and eval_split "
                     f"to 'all' (got {split!r}) and give pre-split files as separate sources"
                 )
-        if spec.kind != "corpus" and not spec.path:
+        if spec.kind == "passkey":
+            passkey.check_options(spec.name, spec.options)
+        elif spec.options:
+            raise ValueError(f"data source {spec.name!r}: 'options' are only read by kind 'passkey'")
+        if spec.kind not in ("corpus", "passkey") and not spec.path:
             raise ValueError(f"data source {spec.name!r}: kind {spec.kind!r} needs a 'path'")
         if spec.kind == "corpus" and spec.path not in (None, *corpus.SOURCES):
             raise ValueError(f"data source {spec.name!r}: corpus path must be one of {corpus.SOURCES}")
@@ -270,7 +277,9 @@ def source_documents(
         ds = grain.MapDataset.source(src).map_with_index(_DecodeRecord(spec))
         n = len(src)
     else:
-        if spec.kind == "corpus":
+        if spec.kind == "passkey":
+            texts = passkey.documents(spec.name, spec.options, split)
+        elif spec.kind == "corpus":
             if not cache_dir:
                 raise ValueError(f"data source {spec.name!r}: corpus sources need data.cache_dir (the workdir)")
             texts = corpus.load_documents(cache_dir, spec.path or "code", "train" if split == "all" else split)
@@ -563,8 +572,10 @@ def make_eval_iterator(
         cfg, seq_len, global_batch_size, process_index, process_count, cache_dir)
     parts = [
         source_documents(spec, spec.eval_split, cache_dir, process_index, process_count)
-        for spec in parse_sources(cfg, sources_key)
+        for spec in parse_sources(cfg, sources_key) if spec.eval_split != "none"
     ]
+    if not parts:
+        raise ValueError(f"data config: every source of {sources_key!r} has eval_split 'none'; nothing to evaluate")
     docs = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
     ds = pack(docs.map(TokenizeDocument(tokenizer)).to_iter_dataset(), seq_len).batch(batch)
     return EvalIterator(ds, batch, seq_len, num_batches)

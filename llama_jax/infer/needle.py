@@ -20,10 +20,11 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from llama_jax.data import passkey
 from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+FILLER = passkey.EVAL_FILLER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,8 @@ def make_trial(encode: Callable[[str], list[int]], bos: int, length: int, depth:
     """(tokens [length], answer mask [length]: 1 on the positions whose next token is a key token)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"needle depth must be in [0, 1], got {depth}")
-    needle = encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = encode(" What is the pass key? The pass key is")
+    needle = encode(passkey.needle_text(key))
+    question = encode(passkey.QUESTION)
     answer = encode(f" {key}")
     filler = encode(FILLER)
     room = length - 1 - len(needle) - len(question) - len(answer)
@@ -66,7 +67,9 @@ def make_trial(encode: Callable[[str], list[int]], bos: int, length: int, depth:
 def evaluate(cfg: ModelConfig, params: Any, encode: Callable[[str], list[int]], bos: int,
              lengths: Sequence[int], depths: Sequence[float], trials: int = 4, seed: int = 0,
              batch: int = 4, predict: Callable[[np.ndarray], np.ndarray] | None = None) -> NeedleResult:
-    """Accuracy of passkey retrieval for every (length, depth); keys are random 5-digit numbers from `seed`.
+    """Accuracy of passkey retrieval for every (length, depth); keys are random 5-digit numbers from `seed`,
+    drawn from the evaluation's half of the keys (`llama_jax.data.passkey.is_eval_key`): the synthetic
+    `passkey` training source uses the other half and other filler, so accuracy measures retrieval.
 
     `predict(tokens [b, n]) -> argmax ids [b, n]` replaces the model's forward pass (for other models)."""
     if trials < 1:
@@ -81,7 +84,7 @@ def evaluate(cfg: ModelConfig, params: Any, encode: Callable[[str], list[int]], 
     acc = np.zeros((len(lengths), len(depths)))
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
-            rows = [make_trial(encode, bos, int(length), float(depth), int(rng.integers(10_000, 100_000)))
+            rows = [make_trial(encode, bos, int(length), float(depth), passkey.draw_key(rng, for_eval=True))
                     for _ in range(trials)]
             hits = 0
             for s in range(0, trials, batch):

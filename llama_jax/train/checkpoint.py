@@ -227,6 +227,14 @@ class StageCheckpoints:
 def load_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Params only, from a stage checkpoint directory (`.../checkpoints`) or a workdir stage: for `init_from`
     and for the next stage. Returns (params, step)."""
+    restored, step, _ = load_state_items(directory, {"params": abstract_params}, step)
+    return restored["params"], step
+
+
+def load_state_items(directory: str, abstract: dict, step: int | None = None,
+                     with_meta: bool = False) -> tuple[dict, int, dict]:
+    """Some items of a checkpoint's train state (`abstract`: {"params": ..., "opt_state": ...} of abstract
+    arrays with their shardings), from the newest checkpoint or `step`: (items, step, meta or {})."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "meta"))
     steps = sorted(manager.all_steps())
     if not steps:
@@ -235,13 +243,14 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     if step not in steps:
         raise FileNotFoundError(f"checkpoint step {step} not found in {directory!r}; available: {steps}")
     verify_checkpoint(os.path.join(os.path.abspath(directory), str(step)))
-    abstract_state = {"params": abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-            abstract_state), partial_restore=True)))
+    args = {"state": ocp.args.PyTreeRestore(item=abstract, restore_args=jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract), partial_restore=True)}
+    if with_meta:
+        args["meta"] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
     manager.close()
-    return restored["state"]["params"], step
+    return restored["state"], step, dict(restored.get("meta") or {}) if with_meta else {}
 
 
 def list_steps(directory: str) -> list[int]:

@@ -20,12 +20,21 @@ measured value and the threshold; the stage is not marked finished, so a rerun (
 `--allow_config_change`, the stages are defining keys) resumes from its final checkpoint and re-checks the gates.
 Passed gates, the needle table and `needle.png` (heat map) go into DONE.json / the stage directory.
 
+Both kinds (options read by the driver when the stage starts from the previous stage's final checkpoint):
+    carry_optimizer    True (default, as the paper trains on across its stages): AdamW's moments and bias
+                       correction continue from the previous stage; the stage's own LR schedule starts at 0.
+                       False: a fresh optimizer state (zero moments).
+    continue_data      True (default): each data source shared with the previous stage continues its document
+                       stream after the last document that stage used (same shuffle, nothing repeated); new
+                       sources start at their beginning. False: the stage's own stream from its beginning.
+
 anneal (section 3.4.3: LR linearly to 0 over the last tokens, high-quality sources upsampled, the annealing
 checkpoints averaged): give the stage `optim(..., decay="linear", final_lr_ratio=0.0)` and `data` with the new
 weights; option `average_last` = how many of the stage's checkpoints (steps > 0, the last included) are averaged
 (exactly, streaming: llama_jax.train.averaging) into the final model, which is saved as the stage's checkpoint
 `total_steps + 1` (what the next stage, `generate` and `convert` load). DONE.json records the loss of the last
-checkpoint and of the average.
+checkpoint and of the average. Option `start_from` = an earlier stage to anneal from (default: the previous
+one); the data-value probe (`data_value_probe`) anneals one checkpoint twice this way.
 """
 
 from __future__ import annotations
@@ -41,9 +50,13 @@ from llama_jax.train import averaging
 from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import kinds as kinds_lib
 
+# Read by the driver when the stage starts from the previous one (llama_jax.train.loop): the paper continues
+# training across its long-context stages and into the anneal, so both default to True.
+TRANSITION_OPTIONS = {"carry_optimizer": True, "continue_data": True}
 LONG_CONTEXT_OPTIONS = {"short_seq_len": 0, "short_tolerance": 0.0, "needle_threshold": 0.0,
-                        "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0), "needle_trials": 4, "needle_lengths": ()}
-ANNEAL_OPTIONS = {"average_last": 1}
+                        "needle_depths": (0.0, 0.25, 0.5, 0.75, 1.0), "needle_trials": 4, "needle_lengths": (),
+                        **TRANSITION_OPTIONS}
+ANNEAL_OPTIONS = {"average_last": 1, "start_from": "", **TRANSITION_OPTIONS}
 
 
 class GateFailed(RuntimeError):
@@ -191,6 +204,18 @@ class Anneal(kinds_lib.Pretrain):
                                                        "averaging.json"), json.loads(json.dumps(out)))
         out["averaged_checkpoint"] = st.total_steps + 1
         return out
+
+
+def data_value_report(results: dict) -> dict:
+    """The probe's outcome from the two stages' results (DONE.json): held-out loss of the averaged model
+    without (`base_loss`) and with (`new_loss`) the new source, and `gain` = base_loss - new_loss (> 0: the
+    new data helped on this held-out set)."""
+    missing = [n for n in ("probe_base", "probe_new") if "averaged_loss" not in (results.get(n) or {})]
+    if missing:
+        raise ValueError(f"data-value probe: stage(s) {missing} recorded no held-out loss (finished, with "
+                         "eval.batches > 0?)")
+    base, new = float(results["probe_base"]["averaged_loss"]), float(results["probe_new"]["averaged_loss"])
+    return {"base_loss": base, "new_loss": new, "gain": base - new}
 
 
 kinds_lib.register(LongContext())

@@ -59,6 +59,7 @@ from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import kinds as kinds_lib
 from llama_jax.train import metrics as metrics_lib
+from llama_jax.train import optim as optim_lib
 from llama_jax.train import step as step_lib
 
 _PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu")
@@ -410,21 +411,48 @@ class StageRun:
             logging.warning("stage %r: no checkpoint restores (%s); moved aside, starting over", self.name, listed)
             for bad, _ in failures:
                 self.ckpts.quarantine(bad)
-        params, source = None, "scratch"
+        params, source, opt_state, rows = None, "scratch", None, None
         origin, _, where = self.stage.init_source.partition(":")
         if origin == "previous":
-            params, at = ckpt_lib.load_params(workdir_lib.checkpoints_dir(self.workdir, where), self.abstract.params)
-            source = f"previous stage {where!r} step {at}"
+            items = {"params": self.abstract.params}
+            if self.stage.carry_optimizer:
+                items["opt_state"] = self.abstract.opt_state
+            loaded, at, meta = ckpt_lib.load_state_items(workdir_lib.checkpoints_dir(self.workdir, where), items,
+                                                         with_meta=self.stage.continue_data)
+            params, opt_state = loaded["params"], loaded.get("opt_state")
+            source = f"previous stage {where!r} step {at}" + (" with its optimizer state" if opt_state else "")
+            if self.stage.continue_data:
+                rows = self._continued_stream(where, at, meta)
         elif origin == "init_from":
             params, at = ckpt_lib.load_params(where, self.abstract.params)
             source = f"init_from {where!r} step {at}"
         state, _ = step_lib.init_train_state(self.stage.model, self.stage.optim, self.mesh, self.rules,
                                              jax.random.key(self.stage.seed), params=params)
+        if opt_state is not None:  # the moments carried over; the new stage's LR schedule starts at its step 0
+            state = state.replace(opt_state=jax.device_put(optim_lib.restart_schedule(opt_state),
+                                                           self.shardings.opt_state))
         logging.info("stage %r: starting from %s", self.name, source)
         info = StageState(seed=self.stage.seed)
-        self.stream.open(0, self.stream.default_shards())
+        self.stream.open(0, len(rows) if rows is not None else self.stream.default_shards(), rows)
         self.save(0, state, info)  # a rollback target, and a resumable start for the stage
         return 0, state, info
+
+    def _continued_stream(self, previous: str, at: int, meta: dict) -> list[list[int]]:
+        """Where this stage's stream starts (per data shard, per source) when it continues the previous stage's:
+        each source shared with it resumes after the last document the previous stage used; a new source starts
+        at its beginning."""
+        info = StageState.from_json(meta)
+        if not info.data_shards or len(info.consumed) != info.data_shards:
+            raise ValueError(f"stage {self.name!r}: option continue_data, but checkpoint {at} of stage {previous!r} "
+                             "records no data stream position")
+        prev = next(s for s in experiment.resolve(self.c) if s.name == previous)
+        names = [s["name"] for s in prev.data["sources"]]
+        rows = []
+        for start, consumed in zip(info.phase_start, info.consumed):
+            nxt = {n: (c + 1 if c >= 0 else s) for n, s, c in zip(names, start, consumed)}
+            rows.append([int(nxt.get(n, 0)) for n in self.stream.sources])
+        logging.info("stage %r: continues the data stream of stage %r at documents %s", self.name, previous, rows)
+        return rows
 
     def observe(self, pending, next_dispatch: float | None, info: StageState) -> None:
         """Host-side metrics of a finished step: throughput, logging, progress, spike monitor."""

@@ -72,3 +72,14 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
         optax.adamw(make_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                     mask=decay_mask),
     )
+
+
+def restart_schedule(opt_state):
+    """The optimizer state carried into a new stage: AdamW's moments (and their bias-correction count) kept,
+    the learning-rate schedule's step count set to 0 so that the new stage's own schedule starts at its first
+    step (warm-up included)."""
+    def reset(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jax.numpy.zeros_like(node.count))
+        return node
+    return jax.tree.map(reset, opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))

@@ -1,17 +1,23 @@
 """Stage kinds long_context and anneal in the driver: a failed gate stops naming gate, value and threshold; a
 rerun after fixing the config resumes and passes; annealing averages its checkpoints into the final model.
 The run uses context parallelism (mesh context 4 x data 2) throughout."""
+import json
 import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from llama_jax import experiment as E
 from llama_jax import workdir as workdir_lib
 from llama_jax.model import transformer
+from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import loop
+from llama_jax.train import step as step_lib
+from llama_jax.train import long_context
 from llama_jax.train.long_context import GateFailed
 from tests.train.test_driver import _config
 
@@ -71,3 +77,146 @@ def test_bad_options_and_lengths_are_named(data_cache):
     c.stages[1]["phases"] = [E.phase(36, 4)]
     with pytest.raises(ValueError, match=r"stage 'long': seq_len 36 cannot be split over mesh.context=4"):
         E.resolve(c)
+
+
+def _losses(wd, stage):
+    seen = {}
+    for line in open(workdir_lib.metrics_path(str(wd))):
+        rec = json.loads(line)
+        if f"{stage}/train/loss" in rec:
+            seen[rec["step"]] = rec[f"{stage}/train/loss"]  # the last write of each step wins (resumed runs append)
+    return [seen[s] for s in sorted(seen)]
+
+
+def _stage_params(wd, stage, cfg, step=None):
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                            transformer.param_shapes(cfg))
+    return jax.device_get(ckpt_lib.load_params(workdir_lib.checkpoints_dir(str(wd), stage), abstract, step)[0])
+
+
+def test_resume_inside_a_long_context_stage_is_exact(data_cache, tmp_path, monkeypatch):
+    """A crash after step 3 of the 5-step long-context stage (context 4 x data 2): the rerun restores the
+    stage's checkpoint at step 2 (parameters, AdamW state, data position) and ends bitwise where an
+    uninterrupted run ends: same batches, same losses, same parameters."""
+    c = _config(data_cache, **{"mesh.context": 4, "eval.batches": 1, "log_every_steps": 1,
+                               "debug.log_batches": True})
+    gates = dict(short_seq_len=32, short_tolerance=10.0, needle_threshold=0.0, needle_trials=1, needle_depths=[0.5])
+    c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1), steps=2),
+                E.stage("long", [E.phase(64, 4)], E.optim(1e-3, 1), steps=5, kind="long_context", options=gates)]
+    ref, wd = tmp_path / "ref", tmp_path / "crashed"
+    loop.run_experiment(c, str(ref))
+
+    original = loop.StageRun.periodic
+
+    def crash_at_3(self, step, state, info):
+        if self.name == "long" and step == 3:
+            raise KeyboardInterrupt("simulated kill after step 3")
+        return original(self, step, state, info)
+
+    monkeypatch.setattr(loop.StageRun, "periodic", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_experiment(c, str(wd))
+    assert ckpt_lib.list_steps(workdir_lib.checkpoints_dir(str(wd), "long")) == [0, 2]
+    monkeypatch.setattr(loop.StageRun, "periodic", original)
+    loop.run_experiment(c, str(wd))
+
+    def crcs(w):
+        seen = {}
+        for line in open(workdir_lib.batches_path(str(w), "long")):
+            rec = json.loads(line)
+            seen[rec["step"]] = rec["crc32"]
+        return [seen[s] for s in sorted(seen)]
+
+    assert len(crcs(ref)) == 5 and crcs(wd) == crcs(ref)
+    assert len(_losses(ref, "long")) == 5 and _losses(wd, "long") == _losses(ref, "long")
+    cfg = E.resolve(c)[1].model
+    jax.tree.map(np.testing.assert_array_equal, _stage_params(wd, "long", cfg), _stage_params(ref, "long", cfg))
+
+
+def _opt_leaves(wd, stage, c, step):
+    """{"mu", "nu", "adam_count", "schedule_count"} of a stage checkpoint's AdamW state, on the host."""
+    st = next(s for s in E.resolve(c) if s.name == stage)
+    mesh = mesh_lib.make_mesh(c.mesh.to_dict())
+    abstract = step_lib.abstract_train_state(st.model, st.optim, mesh, rules_lib.get_rules(c.sharding_rules))
+    items, _, _ = ckpt_lib.load_state_items(workdir_lib.checkpoints_dir(str(wd), stage),
+                                            {"opt_state": abstract.opt_state}, step)
+    leaves = jax.tree.leaves(jax.device_get(items["opt_state"]),
+                             is_leaf=lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState)))
+    adam = next(x for x in leaves if isinstance(x, optax.ScaleByAdamState))
+    sched = next(x for x in leaves if isinstance(x, optax.ScaleByScheduleState))
+    return {"mu": adam.mu, "nu": adam.nu, "adam_count": int(adam.count), "schedule_count": int(sched.count)}
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_stage_transition_carries_params_optimizer_and_data_as_configured(data_cache, tmp_path, carry):
+    """pretrain (3 steps of 8 x 32) -> long (2 steps of 4 x 64), mesh context 2 x data 4. Parameters always carry over. carry=True (the
+    paper's setting, the default): AdamW's moments and count carry over, the LR schedule restarts, and the
+    long stage's batches are exactly the ones a single stage ramping 8 x 32 -> 4 x 64 at step 3 reads (one
+    document stream, nothing repeated). carry=False: zero moments and the long stage's own stream."""
+    c = _config(data_cache, **{"mesh.context": 2, "eval.batches": 1, "log_every_steps": 1, "debug.log_batches": True,
+                               "checkpoint.every_steps": 1})
+    opts = dict(short_seq_len=32, short_tolerance=10.0, needle_threshold=0.0, needle_trials=1, needle_depths=[0.5],
+                carry_optimizer=carry, continue_data=carry)
+    c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1), steps=3),
+                E.stage("long", [E.phase(64, 4)], E.optim(1e-3, 1), steps=2, kind="long_context", options=opts)]
+    wd = tmp_path / "run"
+    results = loop.run_experiment(c, str(wd))
+    cfg = E.resolve(c)[1].model
+    jax.tree.map(np.testing.assert_array_equal, _stage_params(wd, "long", cfg, 0),
+                 _stage_params(wd, "pretrain", cfg))
+    before, after = _opt_leaves(wd, "pretrain", c, 3), _opt_leaves(wd, "long", c, 0)
+    assert before["adam_count"] == 3 and after["schedule_count"] == 0
+    if carry:
+        assert after["adam_count"] == 3
+        jax.tree.map(np.testing.assert_array_equal, after["mu"], before["mu"])
+        jax.tree.map(np.testing.assert_array_equal, after["nu"], before["nu"])
+    else:
+        assert after["adam_count"] == 0
+        assert all(not np.any(x) for x in jax.tree.leaves((after["mu"], after["nu"])))
+    assert _opt_leaves(wd, "long", c, 2)["schedule_count"] == 2
+    assert results["long"]["step"] == 2
+
+    ramp = _config(data_cache, **{"mesh.context": 2, "debug.log_batches": True})
+    ramp.stages = [E.stage("pretrain", [E.phase(32, 8, until_tokens=3 * 256), E.phase(64, 4)], E.optim(1e-3, 1),
+                           steps=5)]
+    one = tmp_path / "one_stream"
+    loop.run_experiment(ramp, str(one))
+
+    def crcs(w, stage):
+        return [json.loads(line)["crc32"] for line in open(workdir_lib.batches_path(str(w), stage))]
+
+    assert crcs(wd, "pretrain") == crcs(one, "pretrain")[:3]
+    if carry:
+        assert crcs(wd, "long") == crcs(one, "pretrain")[3:]
+    else:
+        assert not set(crcs(wd, "long")) & set(crcs(one, "pretrain")[3:])
+
+
+def test_data_value_probe_anneals_one_checkpoint_with_and_without_the_new_source(data_cache, tmp_path):
+    """Two anneals of the same half-trained checkpoint (code only; prose as the new source at 30%): both start
+    from its parameters, evaluate the same held-out data, and the report is the difference of their losses."""
+    c = _config(data_cache, **{"eval.batches": 1})
+    code = dict(name="stdlib_code", kind="corpus", path="code", weight=1.0)
+    prose = dict(name="stdlib_prose", kind="corpus", path="prose")
+    c.data.sources = [code]
+    c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1, schedule_steps=4), steps=2)]
+    c.stages += E.data_value_probe("pretrain", [code], prose, 0.3, [E.phase(32, 8)],
+                                   E.optim(1e-3, 0, decay="linear", final_lr_ratio=0.0), steps=2)
+    stages = {s.name: s for s in E.resolve(c)}
+    assert stages["probe_base"].init_source == stages["probe_new"].init_source == "previous:pretrain"
+    assert [s["weight"] for s in stages["probe_base"].data["sources"]] == [1.0, 0.0]
+    assert [s["weight"] for s in stages["probe_new"].data["sources"]] == pytest.approx([0.7, 0.3])
+    results = loop.run_experiment(c, str(tmp_path / "run"))
+    cfg = stages["pretrain"].model
+    start = _stage_params(tmp_path / "run", "pretrain", cfg)
+    for name in ("probe_base", "probe_new"):
+        jax.tree.map(np.testing.assert_array_equal, _stage_params(tmp_path / "run", name, cfg, 0), start)
+    report = long_context.data_value_report(results)
+    assert report["base_loss"] == results["probe_base"]["averaged_loss"]
+    assert report["gain"] == pytest.approx(report["base_loss"] - report["new_loss"])
+    assert report["base_loss"] != report["new_loss"]
+    with pytest.raises(ValueError, match=r"weight=1.5 must be in \(0, 1\)"):
+        E.data_value_probe("pretrain", [code], prose, 1.5, [E.phase(32, 8)], E.optim(1e-3, 0), steps=2)
+    with pytest.raises(ValueError, match=r"stage\(s\) \['probe_new'\] recorded no held-out loss"):
+        long_context.data_value_report({"probe_base": results["probe_base"]})
