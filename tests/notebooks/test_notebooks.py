@@ -15,7 +15,7 @@ CI_SIZE = {
     "NOTEBOOK_STEPS": "12",  # train_and_sample: training steps
     "NOTEBOOK_SWEEP": "toy,budgets=3e9/1e10",  # scaling_sweep: the argument of experiments/scaling_laws.py
     "NOTEBOOK_BOOTSTRAP": "100",  # scaling_sweep: bootstrap resamples of the fit's intervals
-    "NOTEBOOK_HERD": "cpu,pretrain_steps=12,sft_steps=6,dpo_steps=4,k=2",  # posttrain_round: experiments/herd.py
+    "NOTEBOOK_HERD": "cpu,pretrain_steps=12,sft_steps=6,dpo_steps=4,k=2,prompts=32,heldout=64",  # posttrain_round
 }
 
 
