@@ -13,7 +13,10 @@ model entering the round at temperature 1, verified, the first correct sample ke
 DPO pairs), `sft_rN` on those dialogs and `dpo_rN` on those pairs (β 0.1, NLL 0.2, formatting masked, frozen
 reference). Held-out accuracy (greedy) is each stage's `eval_task_accuracy` in
 `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s `start_task_accuracy` is the pretrained
-model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir.
+model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir, and the task's size:
+`prompts` (rejection-sampling prompts, default 120) and `heldout` (held-out prompts, default 100); the notebook
+`notebooks/posttrain_round.ipynb` runs this experiment, in CI with `heldout=64,prompts=32` (one sampling batch of 64
+each) and a few steps per stage.
 Hardware: a 2-core CPU; measured runtime and accuracies are in benchmarks/README.md (a progress line per
 stage). Small-model learning rates (SFT 1e-3, round SFT 3e-4 on the kept samples mixed with the SFT dialogs, DPO
 1e-4) replace the paper's 1e-5, which is for 405B.
@@ -25,17 +28,19 @@ import tempfile
 from llama_jax import experiment as E
 from llama_jax.posttrain import recipe, tasks
 
-_KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir")
+_KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir", "prompts",
+          "heldout")
 VERIFIER = "llama_jax.posttrain.tasks:verify_arithmetic"
 
 
 def get_config(arg: str | None = None):
     a = E.parse_arg(arg, variant="cpu", pretrain_steps=400, sft_steps=100, dpo_steps=40, rounds=1, k=8, lr=3e-3,
-                    dim=64, layers=2, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"))
+                    dim=64, layers=2, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"),
+                    prompts=120, heldout=100)
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
-    paths = tasks.write_arithmetic(a.task_dir)
+    paths = tasks.write_arithmetic(a.task_dir, n_prompts=a.prompts, n_heldout=a.heldout)
     c = E.base_config()
     c.tokenizer = paths["tokenizer"]
     c.model.preset = "tiny"

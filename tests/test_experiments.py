@@ -74,3 +74,20 @@ def test_loss_chunk_defaults_to_the_platform_choice():
     c.stages[0]["loss_chunk"] = -2
     with pytest.raises(ValueError, match="loss_chunk=-2"):
         E.resolve(c)
+
+
+def test_herd_task_size_knobs(tmp_path):
+    """`prompts=` and `heldout=` size the rejection-sampling and held-out sets; the defaults stay 120 and 100."""
+    herd = _load("herd")
+
+    def lines(path):
+        with open(path) as f:
+            return len(f.read().splitlines())
+
+    small = herd.get_config(f"cpu,prompts=32,heldout=64,task_dir={tmp_path / 'small'}")
+    E.validate(small)
+    assert lines(tmp_path / "small" / "prompts.jsonl") == 32 and lines(tmp_path / "small" / "heldout.jsonl") == 64
+    herd.get_config(f"cpu,task_dir={tmp_path / 'default'}")
+    assert lines(tmp_path / "default" / "prompts.jsonl") == 120 and lines(tmp_path / "default" / "heldout.jsonl") == 100
+    with pytest.raises(ValueError, match="120 \\+ 240 \\+ 100 problems requested but only 400 distinct pairs"):
+        herd.get_config(f"cpu,prompts=240,heldout=100,task_dir={tmp_path / 'big'}")

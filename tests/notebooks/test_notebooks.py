@@ -10,9 +10,20 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
+# The notebooks' size knobs in CI (each notebook reads the ones it has; a Colab user gets the defaults).
+CI_SIZE = {
+    "NOTEBOOK_STEPS": "12",  # train_and_sample: training steps
+    # scaling_sweep: the argument of experiments/scaling_laws.py; both budgets train the same 3 shapes, so the
+    # second budget's runs reuse most compiled programs (the session's compilation cache)
+    "NOTEBOOK_SWEEP": "toy,budgets=3e9/6e9",
+    "NOTEBOOK_BOOTSTRAP": "100",  # scaling_sweep: bootstrap resamples of the fit's intervals
+    "NOTEBOOK_HERD": "cpu,pretrain_steps=12,sft_steps=6,dpo_steps=4,k=2,prompts=32,heldout=64",  # posttrain_round
+}
+
 
 def test_notebooks_are_found():
-    assert {p.name for p in NOTEBOOKS} >= {"train_and_sample.ipynb", "hf_load_and_generate.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"train_and_sample.ipynb", "hf_load_and_generate.ipynb",
+                                           "scaling_sweep.ipynb", "posttrain_round.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -21,7 +32,8 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path, embedded_data_
     assert book.cells[1].cell_type == "code" and "pip" in book.cells[1].source  # the first code cell installs
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO)] + [
         p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    monkeypatch.setenv("NOTEBOOK_STEPS", "12")
+    for name, value in CI_SIZE.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("NOTEBOOK_DATA_CACHE", embedded_data_cache)  # the corpus and tokenizer, built once
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
