@@ -54,7 +54,8 @@ def _stage_kind(name: str):
     return kinds.get(name)
 
 
-STAGE_KINDS = ("pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling", "dpo")  # the kinds registered today (see llama_jax.train.kinds.names())
+STAGE_KINDS = ("pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling", "dpo",
+               "average")  # the kinds registered today (see llama_jax.train.kinds.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +350,11 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                 raise ValueError(f"stage {st['name']!r}: options.start_from={start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")
             init_source = f"previous:{start_from}"
+        references = getattr(_stage_kind(st["kind"]), "stage_references", None)
+        for ref in references(options) if references else ():
+            if ref not in names[:index]:
+                raise ValueError(f"stage {st['name']!r}: its options read stage {ref!r}, which is not an earlier "
+                                 f"stage; earlier stages: {names[:index]}")
         stages.append(Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                             optim=_optim_config(st, total), data=_freeze(data),
                             phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),

@@ -39,6 +39,15 @@ def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **options
                    options=dict(prompts=prompts, **options))
 
 
+def average_stage(name: str, sources: list[str], weights: list[float] | None = None, seq_len: int = 64,
+                  batch: int = 8, **options) -> dict:
+    """The weighted mean (uniform by default) of `sources` (`stage:<name>`, another run's workdir, or a
+    checkpoint directory) as a stage: one step at learning rate 0, its checkpoint is the average."""
+    return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 1), steps=1, kind="average",
+                   options=dict(sources=",".join(sources),
+                                weights=",".join(repr(float(w)) for w in weights) if weights else "", **options))
+
+
 def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10, verifier: str = "",
                  reward_preferences: str = "", sft_steps: int = 100, dpo_steps: int = 50, batch: int = 16,
                  sft_lr: float = PAPER_SFT_LR, dpo_lr: float = PAPER_DPO_LR, rs: dict | None = None,
@@ -62,5 +71,5 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
     return out
 
 
-__all__ = ["PAPER_DPO_LR", "PAPER_SFT_LR", "dpo_stage", "rejection_stage", "reward_stage", "round_stages",
+__all__ = ["PAPER_DPO_LR", "PAPER_SFT_LR", "average_stage", "dpo_stage", "rejection_stage", "reward_stage", "round_stages",
            "sft_stage"]
