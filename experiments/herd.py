@@ -26,11 +26,10 @@ from llama_jax import experiment as E
 from llama_jax.posttrain import recipe, tasks
 
 _KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir")
-VERIFIER = "llama_jax.posttrain.tasks:verify_arithmetic"
 
 
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="cpu", pretrain_steps=400, sft_steps=100, dpo_steps=40, rounds=1, k=8, lr=3e-3,
+    a = E.parse_arg(arg, variant="cpu", pretrain_steps=400, sft_steps=100, dpo_steps=40, rounds=1, k=16, lr=3e-3,
                     dim=64, layers=2, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"))
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
@@ -38,28 +37,14 @@ def get_config(arg: str | None = None):
     paths = tasks.write_arithmetic(a.task_dir)
     c = E.base_config()
     c.tokenizer = paths["tokenizer"]
-    c.model.preset = "tiny"
-    c.model.update(dict(vocab_size=640, dim=a.dim, n_layers=a.layers, n_heads=4, n_kv_heads=2, max_seq_len=128))
-    c.sharding_rules = "dp"
+    recipe.arithmetic_model(c, a.dim, a.layers)
     c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
                            eval_split="all")]
     c.checkpoint.update(dict(every_steps=0, keep=1))
     c.eval.update(dict(every_steps=0, batches=2))
     c.sample.update(dict(prompts=["What is 3 + 4? 3 + 4 ="], max_new_tokens=4))
     c.log_every_steps = 20
-    seq_len = 64
-    task = dict(eval_prompts=paths["heldout"], verifier=VERIFIER, eval_max_new_tokens=12)
-    stages = [
-        E.stage("pretrain", [E.phase(seq_len, 32)], E.optim(a.lr, 20, final_lr_ratio=0.1), steps=a.pretrain_steps),
-        recipe.sft_stage("sft", paths["sft"], a.sft_steps, seq_len, 16, lr=1e-3, warmup=10, **task),
-    ]
-    policy = "sft"
-    for r in range(1, a.rounds + 1):
-        stages += recipe.round_stages(r, paths["prompts"], seq_len, policy=policy, k=a.k, verifier=VERIFIER,
-                                      sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, batch=16, sft_lr=3e-4,
-                                      sft_extra=paths["sft"],
-                                      dpo_lr=1e-4, rs=dict(min_score=1.0, max_new_tokens=12, temperature=1.0),
-                                      task=task)
-        policy = f"dpo_r{r}"
-    c.stages = stages
+    c.stages = [E.stage("pretrain", [E.phase(recipe.ARITHMETIC_SEQ_LEN, 32)], E.optim(a.lr, 20, final_lr_ratio=0.1),
+                        steps=a.pretrain_steps)]
+    c.stages += recipe.arithmetic_stages(paths, rounds=a.rounds, k=a.k, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps)
     return c

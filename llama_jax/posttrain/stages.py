@@ -496,14 +496,15 @@ class RejectionSampling(_PosttrainKind):
     Settings: prompts (required), k (paper 10-30), scorer ("verifier" | "reward"), verifier
     ("package.module:function"), reward_model (`stage:<name>` of this run or another workdir), sampler ("" = the
     model the stage starts from, or another workdir: a teacher), temperature, top_p, max_new_tokens, min_score
-    (a best sample below it is not kept), batch_size (sequences per sampler call), task evaluation.
+    (a best sample below it is not kept), batch_size (sequences per sampler call), task evaluation (with
+    eval_verifier, or the scoring verifier when it is empty).
     Writes `sft.jsonl`, `preferences.jsonl` (best vs worst) and `stats.json` in the stage's directory.
     """
 
     name = "rejection_sampling"
     DEFAULTS = dict(prompts="", k=10, scorer="verifier", verifier="", reward_model="", sampler="",
                     temperature=1.0, top_p=1.0, max_new_tokens=32, min_score=float("-inf"), batch_size=64,
-                    eval_prompts="", eval_max_new_tokens=16, start_from="")
+                    eval_prompts="", eval_verifier="", eval_max_new_tokens=16, start_from="")
 
     def options(self, stage, raw, total_steps):
         out = _check_options(self.name, stage, raw, self.DEFAULTS, ("prompts",))
@@ -529,7 +530,8 @@ class RejectionSampling(_PosttrainKind):
 
     def evaluate(self, ctx, params, phase, step):
         o = _opts(ctx)
-        return _task_eval(ctx, params, dict(o, verifier=o["verifier"] if o["eval_prompts"] else ""))
+        verifier = o["eval_verifier"] or o["verifier"]
+        return _task_eval(ctx, params, dict(o, verifier=verifier if o["eval_prompts"] else ""))
 
     def _scorer_model(self, ctx, sampler_cfg):
         spec = _opts(ctx)["reward_model"]
