@@ -75,7 +75,7 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     task = f"task_dir={tmp_path / 'task'}"
     herd = E.resolve(_load("herd").get_config(f"cpu,{task}"))
     names = [s.name for s in herd]
-    assert names == ["pretrain", "sft", "rs_r1", "sft_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
+    assert names == ["pretrain", "sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
     dpo = {s.name: s for s in herd}["dpo_r1"]
     assert dpo.optim.peak_lr == 1e-5 and dpo.options["beta"] == 0.1 and dpo.options["nll_coef"] == 0.2
     avg = {s.name: s for s in herd}["avg_r1"]
@@ -83,7 +83,8 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     run = _tiny_workdir(tmp_path / "herd_run")
     post = E.resolve(_load("posttrain").get_config(f"cpu,init={run},rounds=2,rm=1,{task}"))
     names = [s.name for s in post]
-    assert names[:7] == ["sft", "rs_r1", "sft_r1", "dpo_r1", "dpo_r1_2", "avg_r1", "rm_r2"]
+    assert names[:8] == ["sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1", "rm_r2"]
+    assert {s.name: s for s in post}["dpo_r1"].options["preferences"] == "stage:pairs_r1/preferences.jsonl"
     first = post[0]
     assert first.init_source == f"init_from:{run}/stages/pretrain/checkpoints"
     by_name = {s.name: s for s in post}

@@ -52,7 +52,7 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
                  eval_verifier: str = "", reward_preferences: str = "", sft_steps: int = 100, dpo_steps: int = 50,
                  rm_steps: int = 0, batch: int = 16, sft_lr: float = PAPER_SFT_LR, dpo_lr: float = PAPER_DPO_LR,
                  rs: dict | None = None, task: dict | None = None, sft_extra: str = "", dpo: dict | None = None,
-                 dpo_runs: tuple[dict, ...] = (), dpo_batch: int = 0) -> list[dict]:
+                 dpo_runs: tuple[dict, ...] = (), dpo_batch: int = 0, on_policy_pairs: bool = False) -> list[dict]:
     """Round `r` starting from stage `policy`: [rm_r ->] rs_r -> sft_r -> dpo_r [-> dpo_r_2.. -> avg_r].
 
     rs_r samples K responses per prompt from `policy` (the previous round's model) and keeps the best: the
@@ -61,7 +61,9 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
     `policy`) scores the samples, else `verifier` does. `dpo`: the DPO stage's options (beta, nll_coef, ...);
     `dpo_runs`: further DPO runs from sft_r on the same pairs, each a dict of overrides ("lr" and options),
     after which `avg_r` averages every DPO run of the round uniformly (Llama 3 §4.1.5: models from runs with
-    different data or hyperparameters are averaged). The round's model is its last stage
+    different data or hyperparameters are averaged). `on_policy_pairs`: DPO's pairs come from a second
+    rejection-sampling stage `pairs_r` that samples the round's SFT model, the model DPO starts from and its
+    reference, instead of rs_r's (sampled from the model entering the round). The round's model is its last stage
     (`round_policy(r, dpo_runs)`). `task`: held-out evaluation options of every stage."""
     task = dict(task or {})
     out = []
@@ -81,6 +83,10 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
     out.append(sft_stage(f"sft_r{r}", dialogs, sft_steps, seq_len, batch, sft_lr, **task))
     pairs = dpo_batch or batch // 2
     prefs = f"stage:rs_r{r}/preferences.jsonl"
+    if on_policy_pairs:
+        out.append(rejection_stage(f"pairs_r{r}", prompts, seq_len, batch, k=k, **scorer, **dict(rs or {}),
+                                   **evaluation))
+        prefs = f"stage:pairs_r{r}/preferences.jsonl"
     out.append(dpo_stage(f"dpo_r{r}", prefs, dpo_steps, seq_len, pairs, dpo_lr, **dict(dpo or {}), **task))
     for j, run in enumerate(dpo_runs, 2):
         run = dict(run)
@@ -117,7 +123,8 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
     init_from): `sft` on the seed dialogs, then `rounds` rounds of rs -> sft -> two DPO runs -> their average.
 
     Samples are graded by `tasks.score_arithmetic` (only fully correct ones kept; pairs: the most frequent
-    correct vs the most frequent wrong sample); every stage reports held-out accuracy (`verify_arithmetic`).
+    correct vs the most frequent wrong sample, drawn from the round's SFT model, DPO's reference: on-policy);
+    every stage reports held-out accuracy (`verify_arithmetic`).
     Small-model learning rates replace the paper's 1e-5 for SFT (1e-3, then 3e-4 in the rounds on the kept
     samples mixed with the seed dialogs); DPO keeps the paper's LR 1e-5, β 0.1 and NLL 0.2, and a second run
     with NLL 1.0 is averaged with it. `reward_model`: from round 2, a reward model trained on the previous
@@ -132,7 +139,7 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
                                verifier=ARITHMETIC_SCORER, sft_steps=sft_steps, dpo_steps=dpo_steps, batch=16,
                                sft_lr=3e-4, sft_extra=paths["sft"], dpo_lr=PAPER_DPO_LR,
                                rs=dict(min_score=1.0, max_new_tokens=12, temperature=1.0), task=task,
-                               dpo_runs=ARITHMETIC_DPO_RUNS, **rm)
+                               dpo_runs=ARITHMETIC_DPO_RUNS, on_policy_pairs=True, **rm)
         policy = round_policy(r, ARITHMETIC_DPO_RUNS)
     return stages
 

@@ -86,3 +86,12 @@ def test_records_stay_together_across_shards_and_micro_batches(tmp_path, tok, ti
         assert records == 8 * grad_accum
     with pytest.raises(ValueError, match="rows per data shard must hold 3 roles x a multiple of grad_accum=2"):
         _process_iterators(_ctx(tmp_path, tok, tiny_cfg, kind, 12, 2), kind, 1)
+
+
+def test_a_stage_whose_records_all_exceed_the_sequence_length_is_refused(tmp_path, tok, tiny_cfg):
+    for kind, message in ((stages.SFT(), r"every dialog of .*dialogs.jsonl' is longer than the sequence length 6"),
+                          (stages.Reward(), r"no preference record of .*prefs.jsonl' fits the sequence length 6")):
+        ctx = _ctx(tmp_path, tok, tiny_cfg, kind, 6)
+        ctx.stage.phases = (experiment.Phase(0, 6, 6),)
+        with pytest.raises(ValueError, match=message):
+            kind.train_iterator(ctx, 0, {})
