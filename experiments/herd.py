@@ -8,15 +8,19 @@ into `task_dir` when the config is built: 120 SFT dialogs, 120 rejection-samplin
 prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair (the facts are in the
 pretraining data, as in a web corpus; post-training has to elicit them in the dialog format for prompts it never
 trained on), and a 290-rank BPE tokenizer. The verifier accepts a response whose last integer is a + b.
-Stages: `pretrain` (text), `sft` (the 120 dialogs), then per round `rs_rN` (K samples per prompt from the
-model entering the round at temperature 1, verified, the first correct sample kept: SFT data; best vs worst:
-DPO pairs), `sft_rN` on those dialogs and `dpo_rN` on those pairs (β 0.1, NLL 0.2, formatting masked, frozen
-reference). Held-out accuracy (greedy) is each stage's `eval_task_accuracy` in
-`<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s `start_task_accuracy` is the pretrained
-model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir.
+Stages: `pretrain` (text), then `llama_jax.posttrain.recipe.arithmetic_stages` (shared with
+experiments/posttrain.py:cpu): `sft` (the 120 dialogs), and per round `rs_rN` (K samples per prompt from the
+model entering the round at temperature 1, graded by `tasks.score_arithmetic`; fully correct ones kept as SFT
+data), `sft_rN` (kept samples mixed with the 120 dialogs), `pairs_rN` (K samples from sft_rN: DPO's pairs,
+the most frequent correct vs the most frequent wrong answer, on-policy), `dpo_rN` (the paper's LR 1e-5, β 0.1,
+NLL 0.2, formatting masked, frozen reference = sft_rN), `dpo_rN_2` (the same with NLL 1.0) and `avg_rN`
+(their uniform average: the round's model). Held-out accuracy (greedy, `verify_arithmetic`) is each stage's
+`eval_task_accuracy` in `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s
+`start_task_accuracy` is the pretrained model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr,
+dim, layers, task_dir.
 Hardware: a 2-core CPU; measured runtime and accuracies are in benchmarks/README.md (a progress line per
-stage). Small-model learning rates (SFT 1e-3, round SFT 3e-4 on the kept samples mixed with the SFT dialogs, DPO
-1e-4) replace the paper's 1e-5, which is for 405B.
+stage). Small-model SFT learning rates (1e-3, then 3e-4 in the rounds) replace the paper's 1e-5; DPO at 1e-4
+(ten times the paper's) lost the rounds' gain, at the paper's 1e-5 it keeps it (benchmarks/README.md).
 """
 
 import os

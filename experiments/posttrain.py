@@ -18,6 +18,11 @@ init, init_stage, rounds, k, sft_steps, dpo_steps, dim, layers (must match the c
 verifier, from round 2: trained on the previous round's pairs). Hardware: a 2-core CPU, a few minutes per
 round.
 
+Variant `dpo_sweep` (`--config=experiments/posttrain.py:dpo_sweep,init=DIR`): DPO's learning rate and NLL
+coefficient from one SFT model (by default a herd workdir's `sft_r1`): `pairs` samples it (on-policy pairs, as
+`cpu`), then five DPO runs from it (LR 1e-4 / 3e-5 / 1e-5 with NLL 0.2, LR 1e-5 / 1e-4 with NLL 1.0, β 0.1),
+each with its held-out accuracy; `pairs`' `eval_task_accuracy` is the starting model's.
+
 Variant `paper` (`--config=experiments/posttrain.py:paper,init=DIR,tokenizer=PATH,sft=...,prompts=...,
 preferences=...[,size=8b|70b|405b]`): Llama 3's settings (LLAMA3_FACTS §7): 6 rounds; reward model on the
 human preference data (edited > chosen > rejected, no margin term), rejection sampling with K = 10 (paper
@@ -82,6 +87,30 @@ def get_config(arg: str | None = None):
         c.stages = recipe.arithmetic_stages(paths, rounds=a.rounds or 1, k=a.k or 16, sft_steps=a.sft_steps,
                                             dpo_steps=a.dpo_steps, reward_model=bool(a.rm))
         return c
+    if a.variant == "dpo_sweep":
+        E.check_knobs(arg, a.variant, ("init", "init_stage", "k", "dpo_steps", "dim", "layers", "task_dir"))
+        paths = tasks.write_arithmetic(a.task_dir)
+        c = E.base_config()
+        c.init_from = init_checkpoints(a.init, a.init_stage if "init_stage=" in (arg or "") else "sft_r1")
+        c.tokenizer = paths["tokenizer"]
+        recipe.arithmetic_model(c, a.dim, a.layers)
+        c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
+                               eval_split="all")]
+        c.checkpoint.update(dict(every_steps=0, keep=1))
+        c.eval.update(dict(every_steps=0, batches=2))
+        task = dict(eval_prompts=paths["heldout"], verifier=recipe.ARITHMETIC_VERIFIER, eval_max_new_tokens=12)
+        seq_len = recipe.ARITHMETIC_SEQ_LEN
+        stages = [recipe.rejection_stage("pairs", paths["prompts"], seq_len, 16, k=a.k or 16,
+                                         verifier=recipe.ARITHMETIC_SCORER, min_score=1.0, max_new_tokens=12,
+                                         eval_verifier=recipe.ARITHMETIC_VERIFIER, eval_prompts=paths["heldout"],
+                                         eval_max_new_tokens=12)]
+        for name, lr, options in (("dpo_lr1e-4", 1e-4, {}), ("dpo_lr3e-5", 3e-5, {}), ("dpo_lr1e-5", 1e-5, {}),
+                                  ("dpo_lr1e-5_nll1", 1e-5, dict(nll_coef=1.0)),
+                                  ("dpo_lr1e-4_nll1", 1e-4, dict(nll_coef=1.0))):
+            stages.append(recipe.dpo_stage(name, "stage:pairs/preferences.jsonl", a.dpo_steps, seq_len, 8, lr,
+                                           start_from="pairs", **options, **task))
+        c.stages = stages
+        return c
     if a.variant == "paper":
         E.check_knobs(arg, a.variant, _PAPER_KNOBS)
         if a.size not in _PAPER:
@@ -115,4 +144,4 @@ def get_config(arg: str | None = None):
             policy = recipe.round_policy(r, runs)
         c.stages = stages
         return c
-    raise ValueError(f"unknown variant {a.variant!r} of experiments/posttrain.py; known: cpu, paper")
+    raise ValueError(f"unknown variant {a.variant!r} of experiments/posttrain.py; known: cpu, paper, dpo_sweep")

@@ -92,6 +92,10 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     assert by_name["rm_r2"].init_source == by_name["rs_r2"].init_source == "previous:avg_r1"
     assert by_name["rs_r2"].options["reward_model"] == "stage:rm_r2"
     assert by_name["rm_r2"].options["preferences"] == "stage:rs_r1/preferences.jsonl"
+    sweep = E.resolve(_load("posttrain").get_config(f"dpo_sweep,init={_tiny_workdir(tmp_path / 'h2', 'sft_r1')},"
+                                                      f"{task}"))
+    assert [s.optim.peak_lr for s in sweep[1:]] == [1e-4, 3e-5, 1e-5, 1e-5, 1e-4]
+    assert {s.init_source for s in sweep[1:]} == {"previous:pairs"}
     with pytest.raises(ValueError, match="needs init="):
         _load("posttrain").get_config(f"cpu,{task}")
     with pytest.raises(FileNotFoundError, match="no checkpoints of stage 'sft'"):

@@ -132,7 +132,7 @@ def _driver_config(tok_path, tmp_path):
                                   **({"edited": f"{a + 1}"} if a % 2 else {})} for a in range(8)])
     c = experiment.base_config()
     c.tokenizer = tok_path
-    c.model.update(dict(vocab_size=640, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128))
+    c.model.update(dict(vocab_size=640, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=128))
     c.data.sources = [dict(name="code", kind="corpus", path="code", weight=1.0)]
     c.checkpoint.update(dict(every_steps=0, async_save=False))
     c.eval.update(dict(every_steps=0, batches=1))
