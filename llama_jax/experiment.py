@@ -59,7 +59,8 @@ def _stage_kind(name: str):
     return kinds.get(name)
 
 
-STAGE_KINDS = ("pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling", "dpo")  # the kinds registered today (see llama_jax.train.kinds.names())
+STAGE_KINDS = ("pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling", "dpo",
+               "average")  # the kinds registered today (see llama_jax.train.kinds.names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,6 +397,11 @@ def resolve(c: ml_collections.ConfigDict) -> list[Stage]:
                 raise ValueError(f"stage {st['name']!r}: options.start_from={start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")
             init_source = f"previous:{start_from}"
+        references = getattr(_stage_kind(st["kind"]), "stage_references", None)
+        for ref in references(options) if references else ():
+            if ref not in names[:index]:
+                raise ValueError(f"stage {st['name']!r}: its options read stage {ref!r}, which is not an earlier "
+                                 f"stage; earlier stages: {names[:index]}")
         stream_index = index
         if options.get("continue_data") and init_source.startswith("previous:"):
             stream_index = stages[names.index(init_source.partition(":")[2])].stream_index

@@ -91,3 +91,67 @@ def test_herd_task_size_knobs(tmp_path):
     assert lines(tmp_path / "default" / "prompts.jsonl") == 120 and lines(tmp_path / "default" / "heldout.jsonl") == 100
     with pytest.raises(ValueError, match="120 \\+ 240 \\+ 100 problems requested but only 400 distinct pairs"):
         herd.get_config(f"cpu,prompts=240,heldout=100,task_dir={tmp_path / 'big'}")
+
+
+def _tiny_workdir(path, stage="pretrain"):
+    """A directory laid out as a workdir with a stage checkpoint folder (resolving only reads the layout)."""
+    (path / "stages" / stage / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text('{"stages": [{"name": "%s"}]}' % stage)
+    return str(path)
+
+
+def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
+    task = f"task_dir={tmp_path / 'task'}"
+    herd = E.resolve(_load("herd").get_config(f"cpu,{task}"))
+    names = [s.name for s in herd]
+    assert names == ["pretrain", "sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
+    dpo = {s.name: s for s in herd}["dpo_r1"]
+    assert dpo.optim.peak_lr == 1e-5 and dpo.options["beta"] == 0.1 and dpo.options["nll_coef"] == 0.2
+    avg = {s.name: s for s in herd}["avg_r1"]
+    assert avg.kind == "average" and avg.options["sources"] == "stage:dpo_r1,stage:dpo_r1_2"
+    run = _tiny_workdir(tmp_path / "herd_run")
+    post = E.resolve(_load("posttrain").get_config(f"cpu,init={run},rounds=2,rm=1,{task}"))
+    names = [s.name for s in post]
+    assert names[:8] == ["sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1", "rm_r2"]
+    assert {s.name: s for s in post}["dpo_r1"].options["preferences"] == "stage:pairs_r1/preferences.jsonl"
+    first = post[0]
+    assert first.init_source == f"init_from:{run}/stages/pretrain/checkpoints"
+    by_name = {s.name: s for s in post}
+    # round 2's data comes from round 1's model: its reward model and sampler start from avg_r1
+    assert by_name["rm_r2"].init_source == by_name["rs_r2"].init_source == "previous:avg_r1"
+    assert by_name["rs_r2"].options["reward_model"] == "stage:rm_r2"
+    assert by_name["rm_r2"].options["preferences"] == "stage:rs_r1/preferences.jsonl"
+    sweep = E.resolve(_load("posttrain").get_config(f"dpo_sweep,init={_tiny_workdir(tmp_path / 'h2', 'sft_r1')},"
+                                                      f"{task}"))
+    assert [s.optim.peak_lr for s in sweep[1:]] == [1e-4, 3e-5, 1e-5, 1e-5, 1e-4]
+    assert {s.init_source for s in sweep[1:]} == {"previous:pairs"}
+    with pytest.raises(ValueError, match="needs init="):
+        _load("posttrain").get_config(f"cpu,{task}")
+    with pytest.raises(FileNotFoundError, match="no checkpoints of stage 'sft'"):
+        _load("posttrain").get_config(f"cpu,init={run},init_stage=sft,{task}")
+
+
+def test_posttrain_paper_variant_resolves_with_the_papers_settings(tmp_path):
+    files = {}
+    for name, line in (("sft", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                '"content": "hello"}]}'),
+                       ("prompts", '{"prompt": [{"role": "user", "content": "hi"}]}'),
+                       ("preferences", '{"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", '
+                                       '"rejected": "go away"}'),
+                       ("tokenizer", "")):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text(line + "\n")
+    init = tmp_path / "llama3.1-8b"
+    init.mkdir()
+    arg = "paper," + ",".join(f"{k}={v}" for k, v in files.items()) + f",init={init}"
+    stages = E.resolve(_load("posttrain").get_config(arg))
+    by_name = {s.name: s for s in stages}
+    assert len([s for s in stages if s.kind == "dpo"]) == 12 and "avg_r6" in by_name  # 6 rounds, 2 DPO runs each
+    dpo, sft = by_name["dpo_r1"], by_name["sft_r1"]
+    assert dpo.optim.peak_lr == sft.optim.peak_lr == 1e-5 and sft.total_steps == 9000
+    assert dpo.options["beta"] == 0.1 and dpo.options["nll_coef"] == 0.2
+    assert by_name["rs_r1"].options["k"] == 10 and by_name["rs_r1"].options["scorer"] == "reward"
+    assert stages[0].model.n_layers == 32 and stages[0].phases[0].seq_len == 8192
+    assert stages[0].init_source == f"init_from:{init}"
+    for s in ("70b", "405b"):
+        assert E.resolve(_load("posttrain").get_config(f"{arg},size={s}"))[0].model.name.endswith(s)

@@ -115,20 +115,32 @@ def score_with_reward_model(cfg: ModelConfig, params, tokenizer: Tokenizer, reco
     return out
 
 
+def _most_frequent(samples: Sequence[str], row: np.ndarray, score: float) -> int:
+    """Index of the most frequent text (stripped) among the samples scoring `score` (the first on ties)."""
+    candidates = [i for i, v in enumerate(row) if v == score]
+    counts: dict[str, int] = {}
+    for i in candidates:
+        counts[samples[i].strip()] = counts.get(samples[i].strip(), 0) + 1
+    return max(candidates, key=lambda i: (counts[samples[i].strip()], -i))
+
+
 def select(records: Sequence[Mapping], responses: Sequence[Sequence[str]], scores: np.ndarray,
            min_score: float = -np.inf) -> tuple[list[dict], list[dict], dict]:
     """(SFT dialogs of the best sample per prompt, preference pairs best vs worst, statistics).
 
-    The best is the argmax of the scores (the first one on ties); it is kept when its score is finite and
-    >= min_score. A pair is formed when the worst sample's score is strictly below the best's and the two
-    texts differ.
+    The best is a sample of the highest score, the worst one of the lowest finite score; among samples of equal
+    score the most frequent text is taken (the first on equal counts), so that with many samples the pair
+    tends to hold the model's most likely correct and most likely wrong answers, the ones greedy decoding
+    would produce. The best is kept when its score is finite and >= min_score. A pair is formed when the
+    worst sample's score is strictly below the best's and the two texts differ.
     """
     scores = np.asarray(scores, np.float64)
     dialogs, pairs = [], []
     best_scores = []
     for r, samples, row in zip(records, responses, scores):
-        best = int(np.argmax(row))
-        worst = int(np.argmin(np.where(np.isfinite(row), row, np.inf))) if np.isfinite(row).any() else best
+        best = _most_frequent(samples, row, float(np.max(row)))
+        finite = row[np.isfinite(row)]
+        worst = _most_frequent(samples, row, float(np.min(finite))) if finite.size else best
         best_scores.append(row[best])
         if not np.isfinite(row[best]) or row[best] < min_score:
             continue

@@ -11,16 +11,22 @@ starts from (`start_task_accuracy`).
 Batch layouts (the batch contract, one sequence or packed dialogs per row):
 - `sft`: dialogs packed greedily into rows (`segment_ids` keep them apart), loss on assistant turns only,
   next-token cross-entropy (the driver's default loss).
-- `reward`: rows [chosen x m, rejected x m, edited x m] per process (an all-padding edited row when a record has
-  none); the loss is `reward.ranking_loss` of the scalar head on each row's last token.
-- `dpo`: rows [chosen x m, rejected x m] per process, plus `ref_logps` ([B, L] float32 per-token log-probs of
+- `reward`: rows chosen, rejected, edited of each record side by side (an all-padding edited row when a record
+  has none); the loss is `reward.ranking_loss` of the scalar head on each row's last token.
+- `dpo`: rows chosen, rejected of each pair side by side, plus `ref_logps` ([B, L] float32 per-token log-probs of
   the frozen reference model, computed once when the stage's data is built); loss per pair
   `dpo.pair_losses` (formatting tokens masked out of both log-probs, NLL term on chosen, β 0.1, coefficient 0.2).
   The reference is the model the stage starts from (the previous stage's final parameters, or init_from).
 - `rejection_sampling`: no training: exactly one step at learning rate 0 (warm-up from 0), so the stage's
   checkpoint is the model it started from; `finish` samples, scores, selects and writes the data.
-m = rows per role per process; with grad_accum, m must be a multiple of grad_accum (each micro-batch keeps the
-layout).
+Records are laid out so that the loss finds each record's rows without knowing how the batch was assembled
+(`_Collate`): each of its strided grad_accum micro-batches, and the concatenation of the logical data shards'
+rows, keep every record's rows adjacent. m = records per step per data shard must be a multiple of grad_accum.
+
+Data sharding: every train iterator reads the driver's logical data shard `ctx.data_shard` (shard k of S
+reads records k::S, `global_batch / S` rows per step; `llama_jax.data.hosts`), so the global batch depends
+on S (fixed when the stage starts, `data.host_shards`), not on the process count, and a stage restarts on
+any process count that divides S, exactly as pretraining does.
 """
 
 from __future__ import annotations
@@ -85,6 +91,24 @@ def _check_options(kind: str, stage: str, raw: Mapping[str, Any], defaults: Mapp
     return out
 
 
+def stage_references(options: Mapping[str, Any]) -> list[str]:
+    """The earlier stages a kind's options read (`stage:<name>[/<file>]` values, comma-separated lists too)."""
+    out = []
+    for value in options.values():
+        if isinstance(value, str):
+            for one in value.split(","):
+                if one.startswith(STAGE_PREFIX):
+                    out.append(one[len(STAGE_PREFIX):].partition("/")[0])
+    return out
+
+
+class _PosttrainKind(kinds.StageKind):
+    """A post-training kind: its `stage:` options must name earlier stages (checked by `experiment.resolve`)."""
+
+    def stage_references(self, options: Mapping[str, Any]) -> list[str]:
+        return stage_references(options)
+
+
 def _opts(ctx) -> dict[str, Any]:
     return experiment.thaw(ctx.stage.options)
 
@@ -107,44 +131,68 @@ def resolve_path(ctx, spec: str) -> str:
     return path
 
 
+def data_shard(ctx) -> tuple[int, int]:
+    """(shard, shard count) of the logical data shard a train iterator reads (`llama_jax.data.hosts`; the driver
+    sets `ctx.data_shard`), or this process of all processes outside the driver."""
+    return ctx.data_shard or (jax.process_index(), jax.process_count())
+
+
 def _local_rows(ctx, phase: int, roles: int) -> tuple[int, int]:
-    """(rows of this process, rows per role) for the phase, checked against the layout."""
+    """(rows of this data shard per step, rows per role) for the phase, checked against the layout."""
     p = ctx.stage.phases[phase]
-    local = p.global_batch // jax.process_count()
+    _, shards = data_shard(ctx)
+    if p.global_batch % shards:
+        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): global batch {p.global_batch} is not "
+                         f"divisible by the {shards} data shards")
+    local = p.global_batch // shards
     if local % roles or (local // roles) % ctx.stage.grad_accum:
-        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): {local} rows per process must hold "
+        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): {local} rows per data shard must hold "
                          f"{roles} roles x a multiple of grad_accum={ctx.stage.grad_accum} (global batch "
-                         f"{p.global_batch})")
+                         f"{p.global_batch}, {shards} data shards)")
     return local, local // roles
 
 
-def _iterator(elements: list, batch: int, seed: int, collate=None):
-    """A checkpointable (grain) iterator over `elements`, shuffled, repeated, batched, then `collate`d."""
-    elements = elements[jax.process_index()::jax.process_count()]
+def _iterator(ctx, elements: list, batch: int, seed: int, collate=None):
+    """A checkpointable (grain) iterator over this data shard's `elements` (shard k of S reads elements k::S),
+    shuffled, repeated, batched, then `collate`d."""
+    shard, shards = data_shard(ctx)
+    elements = elements[shard::shards]
     if not elements:
-        raise ValueError("no training examples for this process")
+        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): no training examples for data shard "
+                         f"{shard} of {shards}")
     ds = grain.MapDataset.source(elements).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
     if collate is not None:
         ds = ds.map(collate)
-    return iter(ds.to_iter_dataset())
+    # the rows are in memory already: read them on this thread (prefetch threads only cost start-up time)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def _split_roles(x, roles: int):
-    """[B, ...] laid out [role 0 x m, role 1 x m, ...] per process -> [roles][process-major rows]."""
-    procs = jax.process_count()
-    y = x.reshape((procs, roles, -1) + x.shape[1:])
-    return [y[:, r].reshape((-1,) + x.shape[1:]) for r in range(roles)]
+    """[B, ...] in the `_Collate` layout -> [roles] arrays of [B / roles, ...] (row i of each = one record).
+
+    The layout makes every record's rows adjacent in groups of `roles`, in any batch, any of its strided
+    gradient-accumulation micro-batches and whatever the number of data shards concatenated into it."""
+    y = x.reshape((-1, roles) + x.shape[1:])
+    return [y[:, r] for r in range(roles)]
 
 
 class _Collate:
-    """{role: {key: [m, L]}} -> {key: [roles x m, L]} in the order of `roles`."""
+    """{role: {key: [m, L]}} -> {key: [m x roles, L]}: rows ordered (group, role, j) for record g * n + j, with
+    n = grad_accum; the driver's micro-batch i takes rows i::n, i.e. records g * n + i, one row per role, record
+    by record (`_split_roles`), and a batch of several data shards is their rows concatenated."""
 
-    def __init__(self, roles):
-        self.roles = tuple(roles)
+    def __init__(self, roles, grad_accum: int = 1):
+        self.roles, self.grad_accum = tuple(roles), int(grad_accum)
 
     def __call__(self, batch):
         keys = batch[self.roles[0]].keys()
-        return {k: np.concatenate([batch[r][k] for r in self.roles], axis=0) for k in keys}
+        out = {}
+        for k in keys:
+            x = np.stack([batch[r][k] for r in self.roles])  # [R, m, ...]
+            n, rest = self.grad_accum, x.shape[2:]
+            x = x.reshape((len(self.roles), -1, n) + rest).swapaxes(0, 1)  # [m/n, R, n, ...]
+            out[k] = x.reshape((-1,) + rest)
+        return out
 
 
 def start_params(ctx):
@@ -207,7 +255,7 @@ def _host_batches(rows: list[dict], batch: int):
 # ------------------------------------------------------------------------------------------------- sft
 
 
-class SFT(kinds.StageKind):
+class SFT(_PosttrainKind):
     """Supervised fine-tuning on dialogs: loss on assistant turns only, dialogs packed with document masks.
 
     Paper settings (Llama 3 §4.1.3) are the defaults of `posttrain.recipe.sft_stage` (LR 1e-5); settings here:
@@ -242,7 +290,7 @@ class SFT(kinds.StageKind):
         p = ctx.stage.phases[phase]
         rows, _ = self.rows(ctx, _opts(ctx)["dialogs"], p.seq_len, ctx.stage.iterator_seed())
         local, _ = _local_rows(ctx, phase, 1)
-        return _iterator(rows, local, ctx.stage.iterator_seed() + phase)
+        return _iterator(ctx, rows, local, ctx.stage.iterator_seed() + phase)
 
     def evaluate(self, ctx, params, phase, step):
         o = _opts(ctx)
@@ -273,7 +321,7 @@ class SFT(kinds.StageKind):
 # ---------------------------------------------------------------------------------------------- reward
 
 
-class _PreferenceKind(kinds.StageKind):
+class _PreferenceKind(_PosttrainKind):
     """A kind trained on preference records: each step's rows are the records' `ROLES`, role-major."""
 
     ROLES: tuple[str, ...] = ()
@@ -284,8 +332,10 @@ class _PreferenceKind(kinds.StageKind):
     def train_iterator(self, ctx, phase, start_documents):
         p = ctx.stage.phases[phase]
         _, m = _local_rows(ctx, phase, len(self.ROLES))
-        return _iterator(self.examples(ctx, _opts(ctx)["preferences"], p.seq_len), m,
-                         ctx.stage.iterator_seed() + phase, _Collate(self.ROLES))
+        spec = _opts(ctx)["preferences"]
+        examples = _cached(ctx, f"train:{spec}:{p.seq_len}", lambda: self.examples(ctx, spec, p.seq_len))
+        return _iterator(ctx, examples, m, ctx.stage.iterator_seed() + phase,
+                         _Collate(self.ROLES, ctx.stage.grad_accum))
 
 
 class Reward(_PreferenceKind):
@@ -440,20 +490,21 @@ class DPO(_PreferenceKind):
 # ------------------------------------------------------------------------------------ rejection sampling
 
 
-class RejectionSampling(kinds.StageKind):
+class RejectionSampling(_PosttrainKind):
     """K samples per prompt, scored by a verifier or a reward model, the best kept as SFT data.
 
     Settings: prompts (required), k (paper 10-30), scorer ("verifier" | "reward"), verifier
     ("package.module:function"), reward_model (`stage:<name>` of this run or another workdir), sampler ("" = the
     model the stage starts from, or another workdir: a teacher), temperature, top_p, max_new_tokens, min_score
-    (a best sample below it is not kept), batch_size (sequences per sampler call), task evaluation.
+    (a best sample below it is not kept), batch_size (sequences per sampler call), task evaluation (with
+    eval_verifier, or the scoring verifier when it is empty).
     Writes `sft.jsonl`, `preferences.jsonl` (best vs worst) and `stats.json` in the stage's directory.
     """
 
     name = "rejection_sampling"
     DEFAULTS = dict(prompts="", k=10, scorer="verifier", verifier="", reward_model="", sampler="",
                     temperature=1.0, top_p=1.0, max_new_tokens=32, min_score=float("-inf"), batch_size=64,
-                    eval_prompts="", eval_max_new_tokens=16, start_from="")
+                    eval_prompts="", eval_verifier="", eval_max_new_tokens=16, start_from="")
 
     def options(self, stage, raw, total_steps):
         out = _check_options(self.name, stage, raw, self.DEFAULTS, ("prompts",))
@@ -472,20 +523,15 @@ class RejectionSampling(kinds.StageKind):
         return out
 
     def train_iterator(self, ctx, phase, start_documents):
-        optim = ctx.stage.optim
-        if optim.warmup_steps < 1 or optim.init_lr != 0.0:
-            raise ValueError(f"stage {ctx.stage.name!r} (rejection_sampling) must not change the model: its one step "
-                             "needs a learning rate of 0 (warmup_steps >= 1 from init_lr 0)")
-        p = ctx.stage.phases[phase]
-        local, _ = _local_rows(ctx, phase, 1)
-        return _iterator([data_lib.single_row(None, p.seq_len)], local, 0)
+        return _no_training_iterator(ctx, phase, self.name)
 
     def loss_fn(self, ctx):
         return lambda params, batch: (jnp.float32(0.0), jnp.float32(1.0))
 
     def evaluate(self, ctx, params, phase, step):
         o = _opts(ctx)
-        return _task_eval(ctx, params, dict(o, verifier=o["verifier"] if o["eval_prompts"] else ""))
+        verifier = o["eval_verifier"] or o["verifier"]
+        return _task_eval(ctx, params, dict(o, verifier=verifier if o["eval_prompts"] else ""))
 
     def _scorer_model(self, ctx, sampler_cfg):
         spec = _opts(ctx)["reward_model"]
@@ -527,7 +573,110 @@ class RejectionSampling(kinds.StageKind):
         return {"rejection_sampling": stats}
 
 
-for _kind in (SFT(), Reward(), DPO(), RejectionSampling()):
+# ----------------------------------------------------------------------------------------- averaging
+
+
+def _no_training_iterator(ctx, phase: int, what: str):
+    """The one step of a stage that trains nothing: learning rate 0 (warm-up from 0), one padding row."""
+    optim = ctx.stage.optim
+    if optim.warmup_steps < 1 or optim.init_lr != 0.0:
+        raise ValueError(f"stage {ctx.stage.name!r} ({what}) must not change the model: its one step needs a "
+                         "learning rate of 0 (warmup_steps >= 1 from init_lr 0)")
+    p = ctx.stage.phases[phase]
+    local, _ = _local_rows(ctx, phase, 1)
+    return _iterator(ctx, [data_lib.single_row(None, p.seq_len)], local, 0)
+
+
+def checkpoint_source(ctx, spec: str) -> str:
+    """An averaging source: `stage:<name>` (an earlier stage of this run), another run's workdir (its last stage
+    with a checkpoint) or a stage's checkpoint directory -> the checkpoint directory to read."""
+    from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+    if spec.startswith(STAGE_PREFIX):
+        name = spec[len(STAGE_PREFIX):]
+        directory = workdir_lib.checkpoints_dir(_workdir(ctx), name)
+    elif os.path.isfile(workdir_lib.config_path(spec)):
+        config = workdir_lib.read_config(spec)
+        names = [s["name"] for s in config.stages
+                 if ckpt_lib.list_steps(workdir_lib.checkpoints_dir(spec, s["name"]))]
+        if not names:
+            raise FileNotFoundError(f"stage {ctx.stage.name!r} (average): workdir {spec!r} has no stage checkpoint")
+        directory = workdir_lib.checkpoints_dir(spec, names[-1])
+    else:
+        directory = spec
+    if not ckpt_lib.list_steps(directory):
+        raise FileNotFoundError(f"stage {ctx.stage.name!r} (average): source {spec!r} has no checkpoint "
+                                f"({directory})")
+    return directory
+
+
+class Average(_PosttrainKind):
+    """Model averaging (Llama 3 §4.1.5) as a stage: the stage starts from Σ_i w_i p_i of its sources' newest
+    parameters (`initial_params`; weights normalized, uniform by default) and trains nothing (one step at
+    learning rate 0), so its checkpoint is the average and the next stage starts from it.
+
+    Settings: sources (required, comma-separated: `stage:<name>` of this run, another run's workdir, or a
+    stage's checkpoint directory), weights ("" = uniform, else one per source, comma-separated, >= 0),
+    task evaluation. `finish` records the sources, their steps and the normalized weights.
+    """
+
+    name = "average"
+    DEFAULTS = dict(sources="", weights="", eval_prompts="", verifier="", eval_max_new_tokens=16)
+
+    def options(self, stage, raw, total_steps):
+        out = _check_options(self.name, stage, raw, self.DEFAULTS, ("sources",))
+        if total_steps != 1:
+            raise ValueError(f"stage {stage!r} (average) trains nothing: give it steps=1 (got {total_steps} steps)")
+        sources = [x.strip() for x in out["sources"].split(",")]
+        if any(not x for x in sources):
+            raise ValueError(f"stage {stage!r} (average): options.sources={out['sources']!r} has an empty entry")
+        try:
+            weights = [float(w) for w in out["weights"].split(",")] if out["weights"] else None
+            from llama_jax.posttrain import averaging  # noqa: PLC0415
+            averaging.normalized_weights(weights, len(sources))
+        except ValueError as e:
+            raise ValueError(f"stage {stage!r} (average): options.weights={out['weights']!r}: {e}") from None
+        for x in sources:
+            if not x.startswith(STAGE_PREFIX) and not os.path.isdir(x):
+                raise FileNotFoundError(f"stage {stage!r} (average): source {x!r} does not exist")
+        return out
+
+    def _sources(self, ctx) -> tuple[list[str], list[float] | None]:
+        o = _opts(ctx)
+        sources = [x.strip() for x in o["sources"].split(",")]
+        return sources, [float(w) for w in o["weights"].split(",")] if o["weights"] else None
+
+    def initial_params(self, ctx, abstract_params):
+        from llama_jax.posttrain import averaging  # noqa: PLC0415
+        sources, weights = self._sources(ctx)
+        directories = [checkpoint_source(ctx, s) for s in sources]
+        try:
+            params = averaging.average_checkpoints(directories, abstract_params, weights)
+        except Exception as e:  # noqa: BLE001 - name the stage; restore errors name the tensor
+            raise ValueError(f"stage {ctx.stage.name!r} (average): the sources {sources} cannot be averaged onto "
+                             f"this stage's model {ctx.stage.model.name!r}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        norm = averaging.normalized_weights(weights, len(sources))
+        return params, "the average of " + ", ".join(f"{w:.4g} x {s}" for s, w in zip(sources, norm))
+
+    def train_iterator(self, ctx, phase, start_documents):
+        return _no_training_iterator(ctx, phase, self.name)
+
+    def loss_fn(self, ctx):
+        return lambda params, batch: (jnp.float32(0.0), jnp.float32(1.0))
+
+    def evaluate(self, ctx, params, phase, step):
+        return _task_eval(ctx, params, _opts(ctx))
+
+    def finish(self, ctx, state):
+        from llama_jax.posttrain import averaging  # noqa: PLC0415
+        from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+        sources, weights = self._sources(ctx)
+        return {"average": {"sources": sources, "weights": averaging.normalized_weights(weights, len(sources)),
+                            "steps": [ckpt_lib.list_steps(checkpoint_source(ctx, s))[-1] for s in sources]}}
+
+
+for _kind in (SFT(), Reward(), DPO(), RejectionSampling(), Average()):
     kinds.register(_kind)
 
-__all__ = ["DPO", "RejectionSampling", "Reward", "SFT", "resolve_path", "start_params"]
+__all__ = ["Average", "DPO", "RejectionSampling", "Reward", "SFT", "checkpoint_source", "resolve_path",
+           "stage_references", "start_params"]

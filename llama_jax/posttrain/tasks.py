@@ -10,7 +10,8 @@
     tokenizer.model  a 290-rank BPE tokenizer (Meta format) trained on all problems with operands below 20
 
 `verify_arithmetic(record, response)` is the verifier: 1.0 when the last integer in the response equals the
-record's `answer`, else 0.0.
+record's `answer`, else 0.0 (held-out accuracy). `score_arithmetic` grades the work shown as well (1.0 / 0.5 /
+0.0), for choosing the best and worst samples in rejection sampling.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ def answer_text(a: int, b: int) -> str:
 def verify_arithmetic(record, response: str) -> float:
     found = _INT.findall(response)
     return 1.0 if found and int(found[-1]) == int(record["answer"]) else 0.0
+
+
+_QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
+_EQUATION = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def score_arithmetic(record, response: str) -> float:
+    """A graded verifier for choosing samples: 1.0 when the answer is right (`verify_arithmetic`) and the work
+    shown is too (every "x + y = z" in the response is true and restates the question's operands), 0.5 when
+    only the answer is right (e.g. "7 + 18 = 26" for 7 + 19), 0.0 otherwise. Rejection sampling with it keeps
+    only fully correct samples as the best (SFT data, DPO's chosen) and pairs them with wrong answers."""
+    if not verify_arithmetic(record, response):
+        return 0.0
+    asked = _QUESTION.search(record["prompt"][-1]["content"])
+    operands = sorted(int(x) for x in asked.groups()) if asked else None
+    for x, y, z in _EQUATION.findall(response):
+        if int(x) + int(y) != int(z) or (operands is not None and sorted((int(x), int(y))) != operands):
+            return 0.5
+    return 1.0
 
 
 def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
@@ -77,4 +97,4 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
     return paths
 
 
-__all__ = ["answer_text", "question", "verify_arithmetic", "write_arithmetic"]
+__all__ = ["answer_text", "question", "score_arithmetic", "verify_arithmetic", "write_arithmetic"]

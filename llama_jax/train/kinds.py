@@ -12,8 +12,14 @@ protocol:
         def loss_fn(self, ctx) -> (params, batch) -> (loss_sum, token_count), or None for next-token CE
         def evaluate(self, ctx, params, phase, step) -> {metric: float}
         def finish(self, ctx, state) -> {key: JSON value} merged into the stage's DONE.json
+        def initial_params(self, ctx, abstract_params) -> (params, description) or None   (optional)
 
     register(MyKind())
+
+`initial_params` lets a kind set the parameters a stage starts from when it has no checkpoint of its own, in
+place of its init source (the previous stage, `init_from` or scratch): `average` returns the weighted mean of
+checkpoints of earlier stages or other runs. The driver calls it once, before the stage's first checkpoint
+(step 0) is written; a restarted stage resumes from its own checkpoints and never calls it again.
 
 `ctx` is a `StageContext`: the typed `experiment.Stage`, the experiment config, the tokenizer, the mesh and
 rules, the metric writer and the stage's workdir paths. Batches follow the one batch contract
@@ -24,7 +30,7 @@ host-only `documents` key lets the driver continue one document stream across a 
 without it simply restart their stream at a phase change.
 
 Registered: `pretrain` (next-token loss on packed documents, evaluation on the sources' validation split,
-text samples at the end); `sft`, `reward`, `rejection_sampling`, `dpo` (`llama_jax.posttrain.stages`, settings
+text samples at the end); `sft`, `reward`, `rejection_sampling`, `dpo`, `average` (`llama_jax.posttrain.stages`, settings
 in the stage's `options`, validated by the kind's `options` hook); `long_context` and `anneal`
 (llama_jax.train.long_context: gates at the end of an extension stage; checkpoint averaging at the end of
 annealing).
@@ -86,6 +92,11 @@ class StageKind:
 
     def finish(self, ctx: StageContext, state: Any) -> dict[str, Any]:
         return {}
+
+    def initial_params(self, ctx: StageContext, abstract_params: Any) -> tuple[Any, str] | None:
+        """(params, description) a stage without checkpoints starts from instead of its init source, placed as
+        `abstract_params` (ShapeDtypeStructs with the target shardings); None = the init source."""
+        return None
 
 
 _REGISTRY: dict[str, StageKind] = {}

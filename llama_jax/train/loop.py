@@ -12,9 +12,11 @@ Resume order for a stage (first that applies):
      aside once an older one restored; if none restores the run stops and names each and why, unless
      `start_over`); a checkpoint whose arrays have other shapes than the config is never "corrupt": the run
      stops and names the tensors;
-  2. the previous stage's final parameters (later stages);
-  3. `config.init_from` (first stage; another run's checkpoint directory, params only);
-  4. scratch (random init from `config.seed`).
+  2. the parameters the stage's kind provides (`StageKind.initial_params`; e.g. `average`: a weighted mean of
+     checkpoints), for kinds that provide them;
+  3. the previous stage's final parameters (later stages);
+  4. `config.init_from` (first stage; another run's checkpoint directory, params only);
+  5. scratch (random init from `config.seed`).
 A finished stage leaves `<workdir>/stages/<name>/DONE.json` and is skipped on restart. A config whose defining
 keys (`workdir.DEFINING_KEYS`) differ from the workdir's `config.json` is refused, naming the keys, unless
 `allow_config_change`; `config.json` is rewritten only when a stage then runs.
@@ -413,7 +415,10 @@ class StageRun:
                 self.ckpts.quarantine(bad)
         params, source, opt_state, rows = None, "scratch", None, None
         origin, _, where = self.stage.init_source.partition(":")
-        if origin == "previous":
+        provided = self.kind.initial_params(self.ctx, self.abstract.params)
+        if provided is not None:
+            params, source = provided
+        elif origin == "previous":
             items = {"params": self.abstract.params}
             if self.stage.carry_optimizer:
                 items["opt_state"] = self.abstract.opt_state

@@ -92,3 +92,22 @@ def test_arithmetic_task_splits_are_disjoint(tmp_path):
     assert not questions["sft"] & questions["prompts"]
     assert tasks.verify_arithmetic({"answer": 12}, "7 + 5 = 12") == 1.0
     assert tasks.verify_arithmetic({"answer": 12}, "12 is not 13") == 0.0
+
+
+def test_every_bad_input_has_one_clear_message(tmp_path, tok):
+    # a preference response longer than the sequence length: dropped (None) by default, or refused
+    long = _pref("4 " * 40, "5")
+    assert data.encode_preference(tok, long, seq_len=16) is None
+    with pytest.raises(ValueError, match=r"preference chosen response has \d+ tokens, longer than the sequence "
+                                         r"length 16 \+ 1 \(truncation policy 'error'"):
+        data.encode_preference(tok, long, seq_len=16, truncation="error")
+    with pytest.raises(ValueError, match=r"truncation='cut'; expected one of \('drop', 'error'\)"):
+        data.encode_sft(tok, [{"role": "user", "content": "x " * 40}, {"role": "assistant", "content": "y"}],
+                        seq_len=8, truncation="cut")
+    # an empty assistant turn in a dialog, a file with no valid record
+    with pytest.raises(ValueError, match=r"empty assistant turn: messages\[1\] has no content"):
+        data.parse_dialog({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]})
+    path = _write(tmp_path / "bad.jsonl", [json.dumps(_pref("4", "4")), "[]"])
+    with pytest.raises(ValueError, match=r"bad.jsonl: no valid preference records \(2 read, malformed: "
+                                         r"\{'chosen equals rejected': 1, 'not a preference record': 1\}\)"):
+        data.read_jsonl(path, "preference")

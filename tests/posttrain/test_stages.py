@@ -78,8 +78,8 @@ def test_dpo_stage_loss_masks_formatting_and_adds_nll(tok, tiny_cfg):
                                      sums(ref, "rejected"), 0.1)[0]
     expected = float(expected_pair) * 2 + 0.2 * nll.sum()
 
-    # the stage's batch: [chosen x 2, rejected x 2] with the reference's per-token log-probs
-    batch_rows = rows["chosen"] + rows["rejected"]
+    # the stage's batch: each pair's chosen and rejected rows side by side, with the reference's log-probs
+    batch_rows = [r for pair in zip(rows["chosen"], rows["rejected"]) for r in pair]
     batch = {k: np.stack([r[k] for r in batch_rows]) for k in batch_rows[0]}
     ref_lp = np.asarray(loss_lib.token_logprobs(
         transformer.apply(tiny_cfg, ref_params, batch["inputs"], batch["positions"], batch["segment_ids"])[0],
@@ -132,7 +132,7 @@ def _driver_config(tok_path, tmp_path):
                                   **({"edited": f"{a + 1}"} if a % 2 else {})} for a in range(8)])
     c = experiment.base_config()
     c.tokenizer = tok_path
-    c.model.update(dict(vocab_size=640, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=128))
+    c.model.update(dict(vocab_size=640, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=128))
     c.data.sources = [dict(name="code", kind="corpus", path="code", weight=1.0)]
     c.checkpoint.update(dict(every_steps=0, async_save=False))
     c.eval.update(dict(every_steps=0, batches=1))
