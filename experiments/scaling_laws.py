@@ -12,10 +12,10 @@ stopping, prints a progress line per run and records {flops, params, tokens, los
 
 Variants (`--config=experiments/scaling_laws.py:VARIANT[,key=value,...]`):
 
-* `cpu` — budgets 1e12, 3e12, 1e13 FLOPs, 4-5 shapes each (14 runs; widths 16-112, 1-4 layers, head_dim 16,
+* `cpu` — budgets 1e12, 3e12, 1e13 FLOPs, 4-6 shapes each (16 runs; widths 16-112, 1-4 layers, head_dim 16,
   37K-775K parameters) with a 1,024-id embedded BPE tokenizer (so the output layer does not dominate N) on the
   embedded corpus, 128-token sequences, batch 16 -> 32 sequences by budget, 50 warm-up steps, cosine to 0.1x,
-  wd 0.1 x LR, peak LR 2e-3 -> 1e-3 by size; 69M tokens in all. Hardware: a 2-core CPU, sized for about an
+  wd 0.1 x LR, peak LR 2e-3 -> 1e-3 by size; 124M tokens in all. Hardware: a 2-core CPU, sized for about an
   hour idle. Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from
   held-out passages (48-token passage, 4-token choices). A reduced sweep: `cpu,budgets=3e11/1e12,...`.
 * `paper` — the paper's grid: budgets 6e18 ... 1e22 FLOPs, 69 runs of 103M-20B parameters (Llama 3 block,
@@ -44,7 +44,7 @@ def _spec(variant: str) -> tuple[isoflop.SweepSpec, dict]:
                                  vocab_size=1024)
         spec = isoflop.SweepSpec(budgets=(1e12, 3e12, 1e13), widths=(16, 32, 48, 64, 80, 96, 112, 128), rule=rule,
                                  seq_len=128, batch_range=(16, 32), lr_range=(2e-3, 1e-3), warmup_steps=50,
-                                 min_ratio=2.0, max_ratio=400.0, max_runs=5)
+                                 min_ratio=2.0, max_ratio=1000.0, max_runs=6)
         return spec, dict(forecast_flops=1e15, tokenizer_ranks=768)
     if variant == "toy":
         rule = isoflop.ShapeRule(base="tiny", head_dim=16, aspect=32, max_kv_heads=2, multiple_of=16, vocab_size=512)
