@@ -18,8 +18,10 @@ NLL 0.2, formatting masked, frozen reference = sft_rN), `dpo_rN_2` (the same wit
 `eval_task_accuracy` in `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s
 `start_task_accuracy` is the pretrained model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr,
 dim, layers, task_dir, and the task's size: `prompts` (rejection-sampling prompts, default 120) and `heldout`
-(held-out prompts, default 100); the notebook `notebooks/posttrain_round.ipynb` runs this experiment, in CI with
-`heldout=64,prompts=32` and a few steps per stage.
+(held-out prompts, default 100), `min_score` (the `tasks.score_arithmetic` grade a sample needs to be kept and
+to be DPO's chosen: 1.0 by default, fully correct; 0.5 also takes a right answer with wrong work, for models
+trained a few steps); the notebook `notebooks/posttrain_round.ipynb` runs this experiment, in CI with
+`heldout=64,prompts=32,min_score=0.5` and a few steps per stage.
 Hardware: a 2-core CPU; measured runtime and accuracies are in benchmarks/README.md (a progress line per
 stage). Small-model SFT learning rates (1e-3, then 3e-4 in the rounds) replace the paper's 1e-5; DPO at 1e-4
 (ten times the paper's) lost the rounds' gain, at the paper's 1e-5 it keeps it (benchmarks/README.md).
@@ -32,13 +34,13 @@ from llama_jax import experiment as E
 from llama_jax.posttrain import recipe, tasks
 
 _KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir", "prompts",
-          "heldout")
+          "heldout", "min_score")
 
 
 def get_config(arg: str | None = None):
     a = E.parse_arg(arg, variant="cpu", pretrain_steps=400, sft_steps=100, dpo_steps=40, rounds=1, k=16, lr=3e-3,
                     dim=64, layers=2, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"),
-                    prompts=120, heldout=100)
+                    prompts=120, heldout=100, min_score=1.0)
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
@@ -54,5 +56,6 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 20
     c.stages = [E.stage("pretrain", [E.phase(recipe.ARITHMETIC_SEQ_LEN, 32)], E.optim(a.lr, 20, final_lr_ratio=0.1),
                         steps=a.pretrain_steps)]
-    c.stages += recipe.arithmetic_stages(paths, rounds=a.rounds, k=a.k, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps)
+    c.stages += recipe.arithmetic_stages(paths, rounds=a.rounds, k=a.k, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps,
+                                         min_score=a.min_score)
     return c

@@ -118,7 +118,7 @@ def arithmetic_model(c, dim: int, layers: int) -> None:
 
 
 def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_steps: int,
-                      reward_model: bool = False) -> list[dict]:
+                      reward_model: bool = False, min_score: float = 1.0) -> list[dict]:
     """Post-training on the arithmetic task (`tasks.write_arithmetic`'s `paths`) from the stage before it (or
     init_from): `sft` on the seed dialogs, then `rounds` rounds of rs -> sft -> two DPO runs -> their average.
 
@@ -128,7 +128,9 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
     Small-model learning rates replace the paper's 1e-5 for SFT (1e-3, then 3e-4 in the rounds on the kept
     samples mixed with the seed dialogs); DPO keeps the paper's LR 1e-5, β 0.1 and NLL 0.2, and a second run
     with NLL 1.0 is averaged with it. `reward_model`: from round 2, a reward model trained on the previous
-    round's pairs scores the samples instead of the program."""
+    round's pairs scores the samples instead of the program. `min_score`: the grade a sample needs to be kept
+    (and to be DPO's chosen): 1.0, fully correct; 0.5 also takes a right answer with wrong work shown (useful
+    for models trained only a few steps, which rarely produce a fully correct sample)."""
     task = dict(eval_prompts=paths["heldout"], verifier=ARITHMETIC_VERIFIER, eval_max_new_tokens=12)
     stages = [sft_stage("sft", paths["sft"], sft_steps, ARITHMETIC_SEQ_LEN, 16, lr=1e-3, warmup=10, **task)]
     policy = "sft"
@@ -138,7 +140,7 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
         stages += round_stages(r, paths["prompts"], ARITHMETIC_SEQ_LEN, policy=policy, k=k,
                                verifier=ARITHMETIC_SCORER, sft_steps=sft_steps, dpo_steps=dpo_steps, batch=16,
                                sft_lr=3e-4, sft_extra=paths["sft"], dpo_lr=PAPER_DPO_LR,
-                               rs=dict(min_score=1.0, max_new_tokens=12, temperature=1.0), task=task,
+                               rs=dict(min_score=min_score, max_new_tokens=12, temperature=1.0), task=task,
                                dpo_runs=ARITHMETIC_DPO_RUNS, on_policy_pairs=True, **rm)
         policy = round_policy(r, ARITHMETIC_DPO_RUNS)
     return stages

@@ -17,7 +17,8 @@ CI_SIZE = {
     # second budget's runs reuse most compiled programs (the session's compilation cache)
     "NOTEBOOK_SWEEP": "toy,budgets=3e9/6e9",
     "NOTEBOOK_BOOTSTRAP": "100",  # scaling_sweep: bootstrap resamples of the fit's intervals
-    "NOTEBOOK_HERD": "cpu,pretrain_steps=12,sft_steps=6,dpo_steps=4,k=2,prompts=32,heldout=64",  # posttrain_round
+    # posttrain_round: enough steps for a few right answers among the samples (the pairs DPO needs), min_score 0.5
+    "NOTEBOOK_HERD": "cpu,pretrain_steps=150,sft_steps=40,dpo_steps=4,k=4,prompts=32,heldout=64,min_score=0.5",
 }
 
 
