@@ -110,9 +110,20 @@ def _loglog(flops, values) -> tuple[np.ndarray, np.ndarray]:
 
 def power_law(flops: Sequence[float], values: Sequence[float]) -> tuple[float, float]:
     """(A, alpha) with values = A · flops^alpha, least squares in log space."""
+    log_a, alpha = _log_power_law(flops, values)
+    return _exp(log_a), float(alpha)
+
+
+def _log_power_law(flops, values) -> tuple[float, float]:
+    """(ln A, alpha) of `power_law`."""
     lx, ly = _loglog(flops, values)
     alpha, log_a = np.polyfit(lx, ly, 1)
-    return float(math.exp(log_a)), float(alpha)
+    return float(log_a), float(alpha)
+
+
+def _exp(x: float) -> float:
+    """e^x, inf past float64's range (an extreme bootstrap refit must not abort the report)."""
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def power_law_bootstrap(flops: Sequence[float], values: Sequence[float], n: int = 2000, level: float = 0.95,
@@ -161,19 +172,22 @@ def isoflop_bootstrap(runs: Iterable[Mapping[str, Any]], n: int = 1000, level: f
         if len({m["flops"] for m in minima}) < 2:
             continue
         f = [m["flops"] for m in minima]
-        at, alt = power_law(f, [m["tokens"] for m in minima])
-        ap, alp = power_law(f, [m["params"] for m in minima])
-        rows.append([at, alt, ap, alp] + [forecast(at, alt, t) for t in targets]
-                    + [forecast(ap, alp, t) for t in targets])
+        lat, alt = _log_power_law(f, [m["tokens"] for m in minima])
+        lap, alp = _log_power_law(f, [m["params"] for m in minima])
+        # A and the forecasts are kept as logarithms (a resample's minimum can be extrapolated far enough that
+        # A leaves float64's range); their percentiles are taken there and mapped back (exp is monotone)
+        rows.append([lat, alt, lap, alp] + [lat + alt * math.log(t) for t in targets]
+                    + [lap + alp * math.log(t) for t in targets])
     if not rows:
         raise ValueError("no bootstrap resample had minima at 2 or more budgets")
     s = np.asarray(rows)
     q = (1 - level) / 2
     iv = lambda col: (float(np.quantile(s[:, col], q)), float(np.quantile(s[:, col], 1 - q)))  # noqa: E731
+    ev = lambda col: tuple(_exp(v) for v in iv(col))  # noqa: E731
     k = len(targets)
-    return {"tokens": {"A": iv(0), "alpha": iv(1)}, "params": {"A": iv(2), "alpha": iv(3)},
-            "forecast_tokens": {t: iv(4 + i) for i, t in enumerate(targets)},
-            "forecast_params": {t: iv(4 + k + i) for i, t in enumerate(targets)}, "samples": len(rows)}
+    return {"tokens": {"A": ev(0), "alpha": iv(1)}, "params": {"A": ev(2), "alpha": iv(3)},
+            "forecast_tokens": {t: ev(4 + i) for i, t in enumerate(targets)},
+            "forecast_params": {t: ev(4 + k + i) for i, t in enumerate(targets)}, "samples": len(rows)}
 
 
 # ---------------------------------------------------------------------------------------- downstream
