@@ -358,16 +358,12 @@ during the timed steps (compilation excluded) minus the resident set after impor
 compiled step's scratch buffer size. Run on an otherwise idle machine: under load, the figures (and
 especially PyTorch's) move by 2-4x, so compare rows of one run only.
 
-- `llama_jax`: the shipped step (sharded jit, donated state, scanned layers, remat none, attention "auto" =
-  "xla_blocked" on CPU, full float32 logits). `llama_jax-fused`: the same with the fused chunked
-  cross-entropy (`loss_chunk=128`, no [B, L, V] logits kept). `llama_jax-lean`: `loss_chunk=128` plus
-  "xla_chunked" attention (online softmax, no [T, S] scores kept for the backward pass), the least memory.
-- `llama_jax-2dev`: 2 simulated devices on the 2 cores (data parallel, `--xla_force_host_platform_device_count=2`).
-  Under load it was slower than 1 device; on the idle machine it was the fastest llama_jax row (0.92x PyTorch):
-  each device runs its half-batch's elementwise work on its own core, which XLA:CPU does not parallelise well
-  inside one device.
-- XLA:CPU flags tried: `--xla_cpu_experimental_xnn_fusion_type=dot` (XNNPACK dots) was ~2x slower; defaults
-  kept. Matmul precision is the default (float32). Remat policies other than "none" were not measured here.
+- `llama_jax` is what a stage gets without flags: the fused chunked cross-entropy (128 positions per chunk on
+  CPU, its gradient formed in the forward pass, no logits computed twice), Q/K/V and gate/up each as one matmul,
+  "xla_blocked" attention, remat none, 1 device. Each other llama_jax row changes one thing (see the docstring).
+- XLA:CPU options: oneDNN (`--xla_cpu_use_onednn=true`) and the concurrency-optimized scheduler change the step
+  time by less than run-to-run noise, so they stay off; turning the YNNPACK dot fusions off (plain Eigen dots)
+  is slower, so they stay on (XLA's default). Fast-math flags change numerics and were not tried.
 - Baselines: `flax-naive` (Python loop over Linen layers, repeat_kv, full logits, optax, plain `jax.jit`) and
   Hugging Face `LlamaForCausalLM` (sdpa attention, eager, torch AdamW + clipping, 2 threads). The JAX
   variants' loss differs from the baselines' at the last step only because llama_jax's schedule warms up.
