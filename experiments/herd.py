@@ -45,13 +45,7 @@ def get_config(arg: str | None = None):
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
     paths = tasks.write_arithmetic(a.task_dir, n_prompts=a.prompts, n_heldout=a.heldout)
-    c = E.base_config()
-    c.tokenizer = paths["tokenizer"]
-    recipe.arithmetic_model(c, a.dim, a.layers)
-    c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
-                           eval_split="all")]
-    c.checkpoint.update(dict(every_steps=0, keep=1))
-    c.eval.update(dict(every_steps=0, batches=2))
+    c = recipe.arithmetic_config(paths, a.dim, a.layers)
     c.sample.update(dict(prompts=["What is 3 + 4? 3 + 4 ="], max_new_tokens=4))
     c.log_every_steps = 20
     c.stages = [E.stage("pretrain", [E.phase(recipe.ARITHMETIC_SEQ_LEN, 32)], E.optim(a.lr, 20, final_lr_ratio=0.1),

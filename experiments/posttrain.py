@@ -75,14 +75,8 @@ def get_config(arg: str | None = None):
     if a.variant == "cpu":
         E.check_knobs(arg, a.variant, _CPU_KNOBS)
         paths = tasks.write_arithmetic(a.task_dir)
-        c = E.base_config()
+        c = recipe.arithmetic_config(paths, a.dim, a.layers)
         c.init_from = init_checkpoints(a.init, a.init_stage)
-        c.tokenizer = paths["tokenizer"]
-        recipe.arithmetic_model(c, a.dim, a.layers)
-        c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
-                               eval_split="all")]
-        c.checkpoint.update(dict(every_steps=0, keep=1))
-        c.eval.update(dict(every_steps=0, batches=2))
         c.log_every_steps = 20
         c.stages = recipe.arithmetic_stages(paths, rounds=a.rounds or 1, k=a.k or 16, sft_steps=a.sft_steps,
                                             dpo_steps=a.dpo_steps, reward_model=bool(a.rm))
@@ -90,14 +84,8 @@ def get_config(arg: str | None = None):
     if a.variant == "dpo_sweep":
         E.check_knobs(arg, a.variant, ("init", "init_stage", "k", "dpo_steps", "dim", "layers", "task_dir"))
         paths = tasks.write_arithmetic(a.task_dir)
-        c = E.base_config()
+        c = recipe.arithmetic_config(paths, a.dim, a.layers)
         c.init_from = init_checkpoints(a.init, a.init_stage if "init_stage=" in (arg or "") else "sft_r1")
-        c.tokenizer = paths["tokenizer"]
-        recipe.arithmetic_model(c, a.dim, a.layers)
-        c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
-                               eval_split="all")]
-        c.checkpoint.update(dict(every_steps=0, keep=1))
-        c.eval.update(dict(every_steps=0, batches=2))
         task = dict(eval_prompts=paths["heldout"], verifier=recipe.ARITHMETIC_VERIFIER, eval_max_new_tokens=12)
         seq_len = recipe.ARITHMETIC_SEQ_LEN
         stages = [recipe.rejection_stage("pairs", paths["prompts"], seq_len, 16, k=a.k or 16,

@@ -110,11 +110,20 @@ ARITHMETIC_SEQ_LEN = 64
 ARITHMETIC_DPO_RUNS = (dict(nll_coef=1.0),)  # a round's second DPO run: the same pairs, NLL coefficient 1.0
 
 
-def arithmetic_model(c, dim: int, layers: int) -> None:
-    """The model of the arithmetic task's CPU experiments (its 290-rank tokenizer fits vocab_size 640)."""
+def arithmetic_config(paths: dict, dim: int, layers: int):
+    """The base experiment config of the arithmetic task's CPU experiments (`tasks.write_arithmetic`'s `paths`):
+    its 290-rank tokenizer, a tiny model (vocab_size 640 holds it), the pretraining text as the one data source,
+    one kept checkpoint per stage and a 2-batch evaluation; stages are the caller's."""
+    c = E.base_config()
+    c.tokenizer = paths["tokenizer"]
     c.model.preset = "tiny"
     c.model.update(dict(vocab_size=640, dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2, max_seq_len=128))
     c.sharding_rules = "dp"
+    c.data.sources = [dict(name="arithmetic", kind="jsonl", path=paths["pretrain"], weight=1.0, split="all",
+                           eval_split="all")]
+    c.checkpoint.update(dict(every_steps=0, keep=1))
+    c.eval.update(dict(every_steps=0, batches=2))
+    return c
 
 
 def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_steps: int,
@@ -147,5 +156,5 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
 
 
 __all__ = ["ARITHMETIC_DPO_RUNS", "ARITHMETIC_SCORER", "ARITHMETIC_SEQ_LEN", "ARITHMETIC_VERIFIER", "PAPER_DPO_LR",
-           "PAPER_SFT_LR", "arithmetic_model", "arithmetic_stages", "average_stage", "dpo_stage", "rejection_stage", "reward_stage",
+           "PAPER_SFT_LR", "arithmetic_config", "arithmetic_stages", "average_stage", "dpo_stage", "rejection_stage", "reward_stage",
            "round_policy", "round_stages", "sft_stage"]
