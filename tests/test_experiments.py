@@ -68,7 +68,7 @@ def test_loss_chunk_defaults_to_the_platform_choice():
     from llama_jax.train import loss as loss_lib
     (tiny,) = E.resolve(_load("pretrain").get_config("tiny"))
     assert tiny.loss_chunk == loss_lib.resolve_chunk(-1) == 128  # CPU: the fused chunked loss
-    assert loss_lib.resolve_chunk(-1, "gpu") == 0 and loss_lib.resolve_chunk(0, "cpu") == 0
+    assert loss_lib.resolve_chunk(-1, "gpu") == 512 and loss_lib.resolve_chunk(-1, "tpu") == 0 and loss_lib.resolve_chunk(0, "cpu") == 0
     assert loss_lib.resolve_chunk(512, "cpu") == 512
     c = _load("pretrain").get_config("tiny")
     c.stages[0]["loss_chunk"] = -2
