@@ -32,14 +32,15 @@ _TINY_KNOBS = ("steps", "lr", "tol", "needle", "context", "passkey")
 
 
 def _tiny_sources(code: float, prose: float, passkey: float, length: int) -> list[dict]:
-    """The embedded corpus (code, prose) scaled to 1 - passkey, plus synthetic passkey documents of about
-    half to all of `length` tokens (about 2.3 characters per token with the embedded tokenizer), left out of
-    evaluation so that the short-context validation loss compares the same data at every stage."""
+    """The embedded corpus (code, prose) scaled to 1 - passkey, plus synthetic passkey documents of about a
+    quarter to four fifths of `length` tokens (about 2.5 characters per token with the embedded tokenizer), one
+    per row (`packing="whole"`: a question split from its needle would teach guessing, not retrieval), left out
+    of evaluation so that the short-context validation loss compares the same data at every stage."""
     out = [dict(name="stdlib_code", kind="corpus", path="code", weight=code * (1 - passkey)),
            dict(name="stdlib_prose", kind="corpus", path="prose", weight=prose * (1 - passkey))]
     if passkey > 0:
-        out.append(dict(name="passkey", kind="passkey", weight=passkey, eval_split="none",
-                        options=dict(documents=2048, min_chars=length, max_chars=int(2.1 * length))))
+        out.append(dict(name="passkey", kind="passkey", weight=passkey, eval_split="none", packing="whole",
+                        options=dict(documents=2048, min_chars=int(0.6 * length), max_chars=int(1.9 * length))))
     return out
 
 

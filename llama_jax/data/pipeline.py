@@ -44,7 +44,12 @@ Data config keys (an ``ml_collections.ConfigDict`` or a plain mapping):
       source out of evaluation, e.g. a synthetic source whose loss should not move a validation gate),
     - ``weight`` (float >= 0, default 1.0; zero leaves the source out of training),
     - ``text_key``: JSON key of the text (default ``"text"`` for jsonl; for array_record records are raw UTF-8
-      text unless ``text_key`` is given, then each record is a JSON object).
+      text unless ``text_key`` is given, then each record is a JSON object),
+    - ``packing``: ``"concat"`` (default: documents back to back, split at row ends, as above) or ``"whole"``
+      (training rows hold whole documents only: grain's ``FirstFitPackIterDataset`` with one bin, in stream
+      order, the rest of a row padded with ``loss_mask`` 0; a document longer than the row is an error naming
+      the source, never truncated). For documents that are useless in pieces, such as synthetic retrieval
+      tasks whose question must see its needle; the evaluation iterator always concatenates.
 * ``cache_dir``: where the embedded corpus is built and cached (the run's workdir; required for ``"corpus"``
   sources unless passed to the iterator functions).
 * ``shuffle`` (bool, default True): shuffle each source's documents (training only).
@@ -78,6 +83,7 @@ from llama_jax.data.batch import BATCH_KEYS, make_global_batch
 from llama_jax.data.tokenizer import Tokenizer
 
 KINDS = ("corpus", "jsonl", "text", "array_record", "passkey")
+PACKINGS = ("concat", "whole")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +98,7 @@ class SourceSpec:
     weight: float = 1.0
     text_key: str | None = None
     options: Mapping[str, Any] | None = None  # settings of a synthetic kind (``passkey``)
+    packing: str = "concat"
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any], index: int) -> "SourceSpec":
@@ -113,6 +120,8 @@ class SourceSpec:
                     f"data source {spec.name!r}: array_record sources are read whole; set split and eval_split "
                     f"to 'all' (got {split!r}) and give pre-split files as separate sources"
                 )
+        if spec.packing not in PACKINGS:
+            raise ValueError(f"data source {spec.name!r}: unknown packing {spec.packing!r}; expected one of {PACKINGS}")
         if spec.kind == "passkey":
             passkey.check_options(spec.name, spec.options)
         elif spec.options:
@@ -368,11 +377,34 @@ class _SlicesAsTuplesIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def pack(ds: grain.IterDataset, seq_len: int, track_documents: bool = False) -> grain.IterDataset:
-    """Packs tokenized documents into rows of ``seq_len`` in the batch-contract format."""
+class _CheckFits:
+    """Passes a tokenized document through, or raises if it cannot fit one row (``packing="whole"``)."""
+
+    def __init__(self, seq_len: int, source: str):
+        self.seq_len, self.source = int(seq_len), source
+
+    def __call__(self, doc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(doc["inputs"])
+        if n > self.seq_len:
+            raise ValueError(f"data source {self.source!r} packs whole documents (packing='whole'), but a document "
+                             f"has {n} tokens (with BOS) and rows hold {self.seq_len}; shorten the source's "
+                             "documents or use packing='concat'")
+        return doc
+
+
+def pack(ds: grain.IterDataset, seq_len: int, track_documents: bool = False, packing: str = "concat",
+         source: str = "") -> grain.IterDataset:
+    """Packs tokenized documents into rows of ``seq_len`` in the batch-contract format (``packing``: see the
+    module docstring)."""
     lengths = {"inputs": seq_len, "targets": seq_len}
     if track_documents:
         lengths[batch_lib.DOCUMENT_KEY] = seq_len
+    if packing == "whole":
+        packed = grain.experimental.FirstFitPackIterDataset(ds.map(_CheckFits(seq_len, source)), length_struct=lengths,
+                                                            num_packing_bins=1, shuffle_bins=False)
+        return packed.map(to_batch_contract)
+    if packing != "concat":
+        raise ValueError(f"unknown packing {packing!r}; expected one of {PACKINGS}")
     packed = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     return _SlicesAsTuples(packed).map(to_batch_contract)
 
@@ -463,7 +495,7 @@ def make_train_dataset(
             ds = ds.map_with_index(TokenizeTrackedDocument(tokenizer, start, number, len(all_specs)))
         else:
             ds = ds.map(TokenizeDocument(tokenizer))
-        streams[spec.name] = pack(ds.to_iter_dataset(), seq_len, track_documents)
+        streams[spec.name] = pack(ds.to_iter_dataset(), seq_len, track_documents, spec.packing, spec.name)
         weights[spec.name] = float(spec.weight)
     mixed = grain.IterDataset.mix(streams, weights) if len(streams) > 1 else next(iter(streams.values()))
     out = mixed.batch(batch, drop_remainder=True)
