@@ -201,6 +201,8 @@ class PeakFlops:
         single-device matmul measures the whole host;
       * re-measured (at most every `remeasure_every_s`) when a step reaches `suspicious_mfu` of it;
       * never below a rate a step was seen to achieve: `check(achieved)` raises it to that, so MFU <= 1 always.
+        An achieved rate lives in this process only; the store keeps matmul measurements alone, so one
+        mistimed step (a clock jump, a step timed before its work finished) cannot lower every later run's MFU.
     """
 
     def __init__(self, dtype: Any = "float32", device: Any | None = None, store_path: str | None = None,
@@ -233,14 +235,16 @@ class PeakFlops:
         return self._host_peak / self._share
 
     def _record(self, measured: float) -> None:
+        """Keeps the best of `measured` (a matmul timing), the store's record and the current peak; only a
+        matmul timing is ever written to the store."""
         store = _read_store(self.store_path)
         best = max(float(measured), store.get(self.key, 0.0), self._host_peak)
         if best > self._host_peak:
             logging.info("matmul peak: using the best recorded rate %.3g FLOP/s (now measured %.3g)", best,
                          measured)
         self._host_peak = best
-        if best > store.get(self.key, 0.0):
-            store[self.key] = best
+        if float(measured) > store.get(self.key, 0.0):
+            store[self.key] = float(measured)
             _write_store(self.store_path, store)
 
     def remeasure(self) -> float:
@@ -264,7 +268,6 @@ class PeakFlops:
                             "was timed while the machine was busy; using the achieved rate as the peak",
                             achieved, self.value)
             self._host_peak = achieved * self._share
-            self._record(self._host_peak)
 
 
 # -------------------------------------------------------------------------------------------- throughput
