@@ -170,6 +170,12 @@ def chunked_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, q_segment_ids
 
 def _block_scores(block, s_valid, qr, k_blk, q_seg, kv_seg_blk, q_offset, j, scale):
     """Masked float32 scores [B, K, G, T, block] of key block j, and the boolean mask (broadcastable)."""
+    # The mask depends only on integers that are never differentiated, so when a remat (or any partial
+    # evaluation) splits the loop into a "known" and an "unknown" part, JAX would compute every block's
+    # [B, K, G, T, block] mask in a loop of its own and keep all of them: a T x S x heads buffer, the quadratic
+    # memory this kernel exists to avoid (8 GiB per device for one 65,536-token 8B layer on 8 context devices).
+    # Tying the mask's inputs to the key block through a barrier keeps the mask inside this loop iteration.
+    k_blk, q_seg, kv_seg_blk, q_offset, j = jax.lax.optimization_barrier((k_blk, q_seg, kv_seg_blk, q_offset, j))
     t = qr.shape[1]
     scores = jnp.einsum("btkgd,bskd->bkgts", qr, k_blk, preferred_element_type=jnp.float32) * scale
     slot = j * block + jnp.arange(block, dtype=jnp.int32)
