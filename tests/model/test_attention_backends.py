@@ -135,6 +135,20 @@ def test_chunked_memory_is_blockwise():
     assert temp_bytes("xla_chunked") < scores_bytes / 3
 
 
+def test_chunked_mask_is_not_stacked_over_key_blocks_under_remat():
+    """Under a remat of the whole model, JAX's partial evaluation used to split the key-block loop and keep every
+    block's mask: a [n_blocks, B, K, G, T, block] boolean, T x S x heads bytes. No 6-d mask may remain."""
+    import re  # noqa: PLC0415
+
+    from llama_jax.model import transformer  # noqa: PLC0415
+    cfg = config_lib.get("tiny", attention="xla_chunked", remat="full")
+    params = jax.eval_shape(lambda: transformer.init(cfg, jax.random.key(0)))
+    tokens = jnp.ones((1, 1024), jnp.int32)
+    hlo = jax.jit(jax.grad(lambda p: jnp.sum(transformer.forward(cfg, p, tokens)))).lower(params).compile().as_text()
+    assert "while" in hlo  # the key-block loop is there
+    assert not re.findall(r"pred\[\d+(?:,\d+){5,}\]", hlo)
+
+
 def test_splash_kernel_in_interpreter_matches_reference():
     """The splash backend's wrapping (scaling, GQA as per-KV-head MQA, segment ids) run through the Pallas
     interpreter, which executes the TPU kernel on any platform."""
