@@ -226,7 +226,9 @@ class PeakFlops:
 
     @property
     def key(self) -> str:
-        return "|".join((_cpu_model(), f"{_usable_cores()} cores", self.device.platform,
+        # "matmul": records are matmul timings only (earlier versions also stored step rates, some mistimed;
+        # their records, keyed without it, are ignored)
+        return "|".join(("matmul", _cpu_model(), f"{_usable_cores()} cores", self.device.platform,
                          str(self.device.device_kind), self.dtype))
 
     @property
