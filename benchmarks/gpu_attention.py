@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.model import attention
+from llama_jax.train import checkpoint as ckpt_lib
 
 
 def packed_segments(seq: int) -> np.ndarray:
@@ -101,7 +102,7 @@ def main() -> None:
                     jax.block_until_ready(fn(q, k, v, w, seg))
                     times.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - record the failure and go on with the next backend
-                notes.append(f"seq {seq} {backend}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                notes.append(f"seq {seq} {backend}: {type(e).__name__}: {ckpt_lib.first_line(e)}")
                 print(notes[-1], flush=True)
                 continue
             errs = ("n/a",) * 4

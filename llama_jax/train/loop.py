@@ -467,16 +467,15 @@ class StageRun:
         # the host saw it done. The host sees a step done late only when it was busy (a save, an evaluation):
         # that inflates the step's time, never shrinks it, so the MFU the log prints is never flattered (the
         # interval between dispatches would be near zero for the step after a blocking save).
-        done, previous_done = time.perf_counter(), self._last_done
-        self._last_done = done
-        seconds = done - max(p_t0, previous_done if previous_done is not None else p_t0)
+        done = time.perf_counter()
+        seconds, self._last_done = done - max(p_t0, self._last_done), done
         # The first step of a shape includes compilation, the last one the final save: neither is timed.
-        if next_dispatch is not None and p_phase in self._throughput and seconds > 0:
-            host.update(self._throughput[p_phase].update(int(host["tokens"]), seconds))
-        elif next_dispatch is not None:
+        if next_dispatch is not None and p_phase not in self._throughput:
             self._throughput[p_phase] = metrics_lib.Throughput(
                 self.stage.model.flops_per_token(self.stage.phases[p_phase].seq_len), jax.device_count(),
                 self._peak)
+        elif next_dispatch is not None and seconds > 0:
+            host.update(self._throughput[p_phase].update(int(host["tokens"]), seconds))
         host["perplexity"] = math.exp(min(host["loss"], 50.0))
         bad = self.monitor.observe(p_step, host["loss"], host["nonfinite"] > 0)
         if bad:
@@ -572,7 +571,7 @@ class StageRun:
             logging.info("MFU peak per device: %.3g FLOP/s (%s)", self._peak.value, self._peak.source)
             self._progress = metrics_lib.Progress(self.total_steps, start_step=step, desc=self.name)
             self._throughput: dict[int, metrics_lib.Throughput] = {}
-            self._last_done: float | None = None  # when the host last saw a step's metrics (observe)
+            self._last_done = -math.inf  # when the host last saw a step's metrics (observe)
             pending = None  # (step, phase, metrics, t_dispatch) of the step in flight
             while step < self.total_steps or pending is not None:
                 current = None
