@@ -41,7 +41,7 @@ def main(pipeline_args):
     root.setLevel(logging.ERROR)  # importing Beam warns about optional GCP client libraries
     try:
         from llama_jax.data import curation  # noqa: PLC0415
-        from llama_jax.data.curation import beam_pipeline  # noqa: F401, PLC0415
+        from llama_jax.data.curation import pipeline  # noqa: F401, PLC0415
     finally:
         root.setLevel(level)
 

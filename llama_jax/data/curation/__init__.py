@@ -10,10 +10,10 @@ from llama_jax.data.curation.config import STAGES, get_config, parse_stages
 
 
 def run(*args, **kwargs):
-    """:func:`llama_jax.data.curation.beam_pipeline.run` (imports Beam on first use)."""
-    from llama_jax.data.curation import beam_pipeline  # noqa: PLC0415
+    """:func:`llama_jax.data.curation.pipeline.run` (imports Beam on first use)."""
+    from llama_jax.data.curation import pipeline  # noqa: PLC0415
 
-    return beam_pipeline.run(*args, **kwargs)
+    return pipeline.run(*args, **kwargs)
 
 
 __all__ = ["STAGES", "get_config", "parse_stages", "run"]

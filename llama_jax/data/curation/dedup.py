@@ -1,7 +1,7 @@
 """Deduplication keys: normalized URLs, content hashes, MinHash signatures with LSH band keys, line hashes.
 
-These are the per-document functions; grouping by key and choosing the survivor happen in the Beam pipeline
-(:mod:`llama_jax.data.curation.beam_pipeline`). All hashes are stable across processes and machines (no use
+These are the per-document functions; grouping by key and choosing the survivor happen in the Beam transforms
+(:mod:`llama_jax.data.curation.dedup_transforms`). All hashes are stable across processes and machines (no use
 of Python's salted ``hash``), so any runner and any number of workers makes the same choices.
 
 MinHash (Broder 1997): a document is the set of its word ``shingle_size``-grams (lower-cased, punctuation

@@ -1,0 +1,219 @@
+"""The deduplication stages as Beam transforms: URL, exact, near (MinHash LSH) and line dedup.
+
+Each has the stage shape of :mod:`llama_jax.data.curation.transforms` (``Stage(cfg, ctx)``, applied it returns
+``(kept, removed)``). The keys and signatures come from :mod:`llama_jax.data.curation.dedup`; this module groups
+by them and chooses the survivors, independently of how the work is split: duplicates keep the smallest
+document key (URL dedup: the newest ``date``, then the smallest key), near-duplicate clusters are the connected
+components of the verified LSH candidate pairs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+from collections.abc import Iterable
+
+import apache_beam as beam
+
+from llama_jax.data.curation import dedup
+from llama_jax.data.curation.records import REMOVED, StageContext, TokenCounter, key_order, removed_event
+
+
+def _date_rank(value) -> float:
+    """Seconds since the epoch of an ISO 8601 date (naive = UTC); -inf when missing or unparseable."""
+    if not isinstance(value, str) or not value.strip():
+        return -math.inf
+    try:
+        d = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return -math.inf
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=datetime.timezone.utc)
+    return d.timestamp()
+
+
+def _keep_first(group, order, stage: str, reason: str, chars: int):
+    _, records = group
+    ranked = sorted(records, key=order)
+    yield ranked[0]
+    for record in ranked[1:]:
+        yield removed_event(stage, reason, record, chars)
+
+
+def _url_order(record: dict):
+    return (-_date_rank(record.get("date")), record["key"])
+
+
+class _KeepFirst(beam.PTransform):
+    """Keeps one record per key (``key_fn``), the first in ``order``; records with key None pass."""
+
+    def __init__(self, stage, key_fn, order, reason, chars):
+        super().__init__()
+        self.stage, self.key_fn, self.order, self.reason, self.chars = stage, key_fn, order, reason, chars
+
+    def expand(self, records):
+        keyed = records | "Key" >> beam.Map(lambda r, f=self.key_fn: (f(r), r))
+        parts = keyed | "HasKey" >> beam.Partition(lambda kv, n: 0 if kv[0] is None else 1, 2)
+        kept = (parts[1] | "Group" >> beam.GroupByKey()
+                | "Choose" >> beam.FlatMap(_keep_first, self.order, self.stage, self.reason, self.chars)
+                .with_outputs(REMOVED, main="docs"))
+        docs = (parts[0] | "NoKey" >> beam.Values(), kept.docs) | "Merge" >> beam.Flatten()
+        return docs, kept[REMOVED]
+
+
+def _url_key(record, strip_query):
+    url = record.get("url")
+    return dedup.normalize_url(str(url), strip_query) if url else None
+
+
+class UrlDedup(_KeepFirst):
+    """One document per normalized URL: the newest ``date``, then the smallest key."""
+
+    def __init__(self, cfg, ctx: StageContext):
+        super().__init__("url_dedup", functools.partial(_url_key, strip_query=cfg.strip_query), _url_order,
+                         "older_url_duplicate", ctx.chars)
+
+
+class ExactDedup(_KeepFirst):
+    """One document per content hash (whitespace-normalized if configured): the smallest key."""
+
+    def __init__(self, cfg, ctx: StageContext):
+        super().__init__("exact_dedup", lambda r, w=cfg.normalize_whitespace: dedup.content_hash(r["text"], w),
+                         key_order, "exact_duplicate", ctx.chars)
+
+
+def _verified_pairs(group, threshold: float):
+    """Candidate pairs of one LSH bucket whose estimated Jaccard reaches the threshold (smaller key first)."""
+    _, members = group
+    members = sorted({k: s for k, s in members}.items())
+    for j in range(1, len(members)):
+        for i in range(j):
+            if dedup.estimated_jaccard(members[i][1], members[j][1]) >= threshold:
+                yield members[i][0], members[j][0]
+
+
+def _components(_, edges: Iterable[tuple[str, str]]):
+    """Union-find over the duplicate pairs: ``(removed key, kept key)`` for every non-minimal member."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    for x in sorted(parent):
+        root = find(x)
+        if root != x:
+            yield x, root
+
+
+def _drop_marked(joined, stage: str, reason: str, chars: int):
+    _, groups = joined
+    for record in groups["docs"]:
+        marks = list(groups["marks"])
+        if marks:
+            record = dict(record, near_duplicate_of=marks[0])
+            yield removed_event(stage, reason, record, chars)
+        else:
+            yield record
+
+
+class NearDedup(beam.PTransform):
+    """MinHash LSH near-duplicate removal: each cluster keeps its smallest key."""
+
+    def __init__(self, cfg, ctx: StageContext):
+        super().__init__()
+        if cfg.bands * cfg.rows != cfg.num_perm:
+            raise ValueError(f"near_dedup: bands * rows = {cfg.bands} * {cfg.rows} must equal num_perm = "
+                             f"{cfg.num_perm}")
+        if not 0.0 < cfg.threshold <= 1.0:
+            raise ValueError(f"near_dedup: threshold must be in (0, 1], got {cfg.threshold}")
+        self.cfg, self.chars = cfg, ctx.chars
+
+    def expand(self, records):
+        cfg = self.cfg
+        a, b = dedup.permutations(cfg.num_perm, cfg.seed)
+        sigs = records | "MinHash" >> beam.Map(lambda r: (r["key"], dedup.minhash(r["text"], cfg.shingle_size, a, b)))
+        pairs = (sigs
+                 | "Bands" >> beam.FlatMap(lambda ks: [(band, ks) for band in dedup.band_keys(ks[1], cfg.bands,
+                                                                                               cfg.rows)])
+                 | "Buckets" >> beam.GroupByKey()
+                 | "Verify" >> beam.FlatMap(_verified_pairs, cfg.threshold)
+                 | "Distinct" >> beam.Distinct())
+        marks = (pairs | "One" >> beam.Map(lambda e: (0, e)) | "All" >> beam.GroupByKey()
+                 | "Clusters" >> beam.FlatMapTuple(_components))
+        keyed = records | "ByKey" >> beam.Map(lambda r: (r["key"], r))
+        out = ({"docs": keyed, "marks": marks} | "Join" >> beam.CoGroupByKey()
+               | "Drop" >> beam.FlatMap(_drop_marked, "near_dedup", "near_duplicate", self.chars)
+               .with_outputs(REMOVED, main="docs"))
+        return out.docs, out[REMOVED]
+
+
+def _line_entries(record: dict, num_buckets: int, min_chars: int):
+    bucket = dedup.stable_hash(record["key"]) % max(num_buckets, 1)
+    seen = set()
+    for line in record["text"].splitlines():
+        if len(line.strip()) < min_chars:
+            continue
+        lk = dedup.line_key(line)
+        if lk and lk not in seen:
+            seen.add(lk)
+            yield (bucket, lk), record["key"]
+
+
+def _frequent(group, max_repeats: int):
+    (_, lk), keys = group
+    keys = list(keys)
+    if len(keys) > max_repeats:
+        for key in keys:
+            yield key, lk
+
+
+def _remove_lines(joined, stage: str, min_chars: int, counter: TokenCounter, chars: int):
+    _, groups = joined
+    bad = set(groups["lines"])
+    for record in groups["docs"]:
+        if not bad:
+            yield dict(record, lines_removed=0)
+            continue
+        kept, removed = [], 0
+        for line in record["text"].splitlines():
+            if len(line.strip()) >= min_chars and dedup.line_key(line) in bad:
+                removed += 1
+            else:
+                kept.append(line)
+        if not "".join(kept).strip():
+            yield removed_event(stage, "all_lines_duplicated", record, chars)
+            continue
+        text = "\n".join(kept)
+        record = dict(record, text=text, lines_removed=removed, ntok=counter(text))
+        yield record
+
+
+class LineDedup(beam.PTransform):
+    """Removes lines repeated in more than ``max_repeats`` documents of a bucket (Llama 3: 6 per 30M)."""
+
+    def __init__(self, cfg, ctx: StageContext):
+        super().__init__()
+        self.cfg, self.counter, self.chars = cfg, ctx.counter, ctx.chars
+
+    def expand(self, records):
+        cfg = self.cfg
+        num_buckets = (records | "Count" >> beam.combiners.Count.Globally()
+                       | "Buckets" >> beam.Map(lambda n: max(1, math.ceil(n / cfg.bucket_docs))))
+        lines = (records
+                 | "Lines" >> beam.FlatMap(_line_entries, beam.pvalue.AsSingleton(num_buckets), cfg.min_line_chars)
+                 | "Group" >> beam.GroupByKey()
+                 | "Frequent" >> beam.FlatMap(_frequent, cfg.max_repeats))
+        keyed = records | "ByKey" >> beam.Map(lambda r: (r["key"], r))
+        out = ({"docs": keyed, "lines": lines} | "Join" >> beam.CoGroupByKey()
+               | "Remove" >> beam.FlatMap(_remove_lines, "line_dedup", cfg.min_line_chars, self.counter, self.chars)
+               .with_outputs(REMOVED, main="docs"))
+        return out.docs, out[REMOVED]
