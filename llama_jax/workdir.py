@@ -1,4 +1,5 @@
-"""The run directory: the one owner of its layout, and loading a workdir as a checkpoint.
+"""The run directory: the one owner of its layout (every path of a run) and its JSON files; it loads no model
+(`llama_jax.train.resume.load_workdir` reads a workdir as a checkpoint).
 
     <workdir>/config.json                        the experiment config (written when the run first starts,
                                                  and again only when a changed config is accepted and a
@@ -12,9 +13,6 @@
     <workdir>/stages/<name>/batches.jsonl        CRC of every batch (config.debug.log_batches)
     <workdir>/stages/<name>/<output>             files a stage writes for later ones (rejection sampling:
                                                  sft.jsonl, preferences.jsonl, stats.json)
-
-`load(path)` reads a workdir as a checkpoint (for `generate` and `convert`): the newest checkpoint of the last
-stage that has one, falling back past checkpoints that do not restore (a warning names each and why).
 """
 
 from __future__ import annotations
@@ -138,56 +136,6 @@ def config_differences(stored, new) -> list[str]:
 def write_model_config(workdir: str, stage: str, cfg) -> None:
     import dataclasses  # noqa: PLC0415
     write_json_atomic(model_config_path(workdir, stage), dataclasses.asdict(cfg))
-
-
-def stage_model_config(workdir: str, stage: str, config=None):
-    """The ModelConfig of a stage's checkpoints: its model_config.json, else resolved from config.json."""
-    path = model_config_path(workdir, stage)
-    if os.path.isfile(path):
-        from llama_jax.interop import native  # noqa: PLC0415
-        with open(path) as f:
-            return native.config_from_dict(json.load(f))
-    from llama_jax import experiment  # noqa: PLC0415
-    config = config if config is not None else read_config(workdir)
-    (st,) = [s for s in config.stages if s["name"] == stage]
-    return experiment.resolve_model(config, st)
-
-
-def load(path: str, stage: str | None = None, dtype: str = "float32"):
-    """(ModelConfig, params) of a training workdir: the newest readable checkpoint of `stage`, by default the
-    last stage of the experiment that has a checkpoint; params replicated on the default device."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from absl import logging  # noqa: PLC0415
-
-    from llama_jax.model import transformer  # noqa: PLC0415
-    from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
-
-    path = os.path.abspath(path)
-    config = read_config(path)
-    names = [s["name"] for s in config.stages if ckpt_lib.list_steps(checkpoints_dir(path, s["name"]))]
-    if stage is not None:
-        names = [n for n in names if n == stage]
-    if not names:
-        raise FileNotFoundError(f"no stage checkpoints{' for stage ' + repr(stage) if stage else ''} in workdir "
-                                f"{path!r}")
-    name = names[-1]
-    cfg = stage_model_config(path, name, config).replace(remat="none")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            transformer.param_shapes(cfg))
-    directory = checkpoints_dir(path, name)
-    failures = []
-    for step in reversed(ckpt_lib.list_steps(directory)):
-        try:
-            params, _ = ckpt_lib.load_params(directory, abstract, step=step)
-        except Exception as e:  # noqa: BLE001 - any read failure: try the previous checkpoint
-            failures.append(f"step {step}: {type(e).__name__}: {ckpt_lib.first_line(e)}")
-            logging.warning("workdir %s: checkpoint %s/%d does not restore (%s); trying the previous one", path,
-                            directory, step, failures[-1])
-            continue
-        return cfg, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
-    raise ValueError(f"workdir {path!r}: no checkpoint of stage {name!r} restores: " + "; ".join(failures))
 
 
 def stage_output_path(workdir: str, stage: str, name: str) -> str:

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from llama_jax import experiment as E
+from llama_jax.stages import KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def _load(name):
                                      "llama3.1-405b"])
 def test_pretrain_variants_validate(variant):
     c = _load("pretrain").get_config(variant)
-    E.validate(c)
+    E.resolve(c, KINDS)
     for st in c.stages:
         total, phases = E.stage_steps(st)
         assert total > 0 and phases[0][0] == 0
@@ -47,11 +48,11 @@ def test_unknown_variant_and_knob_are_named():
 
 
 def test_resolve_gives_typed_stages_with_the_paper_schedule_length():
-    (stage,) = E.resolve(_load("pretrain").get_config("llama3.1-405b"))
+    (stage,) = E.resolve(_load("pretrain").get_config("llama3.1-405b"), KINDS)
     assert stage.kind == "pretrain" and stage.model.n_layers == 126
     assert stage.schedule_steps == 1_200_000 > stage.total_steps  # ~1.1M steps of data, 1.2M-step schedule
     assert [(p.seq_len, p.global_batch) for p in stage.phases] == [(4096, 1024), (8192, 1024), (8192, 2048)]
-    (tiny,) = E.resolve(_load("pretrain").get_config("tiny"))
+    (tiny,) = E.resolve(_load("pretrain").get_config("tiny"), KINDS)
     assert tiny.schedule_steps == tiny.total_steps == 300 and tiny.init_source == "scratch"
 
 
@@ -59,21 +60,21 @@ def test_unknown_stage_key_and_unused_knob_are_named():
     c = _load("pretrain").get_config("tiny")
     c.stages[0]["lenght"] = 3
     with pytest.raises(ValueError, match="unknown key\\(s\\) \\['lenght'\\]"):
-        E.resolve(c)
+        E.resolve(c, KINDS)
     with pytest.raises(ValueError, match="does not use config argument\\(s\\) \\['steps'\\]"):
         _load("pretrain").get_config("llama3.1-8b,steps=10")
 
 
 def test_loss_chunk_defaults_to_the_platform_choice():
     from llama_jax.train import loss as loss_lib
-    (tiny,) = E.resolve(_load("pretrain").get_config("tiny"))
+    (tiny,) = E.resolve(_load("pretrain").get_config("tiny"), KINDS)
     assert tiny.loss_chunk == loss_lib.resolve_chunk(-1) == 128  # CPU: the fused chunked loss
     assert loss_lib.resolve_chunk(-1, "gpu") == 512 and loss_lib.resolve_chunk(-1, "tpu") == 0 and loss_lib.resolve_chunk(0, "cpu") == 0
     assert loss_lib.resolve_chunk(512, "cpu") == 512
     c = _load("pretrain").get_config("tiny")
     c.stages[0]["loss_chunk"] = -2
     with pytest.raises(ValueError, match="loss_chunk=-2"):
-        E.resolve(c)
+        E.resolve(c, KINDS)
 
 
 def test_herd_task_size_knobs(tmp_path):
@@ -85,7 +86,7 @@ def test_herd_task_size_knobs(tmp_path):
             return len(f.read().splitlines())
 
     small = herd.get_config(f"cpu,prompts=32,heldout=64,task_dir={tmp_path / 'small'}")
-    E.validate(small)
+    E.resolve(small, KINDS)
     assert lines(tmp_path / "small" / "prompts.jsonl") == 32 and lines(tmp_path / "small" / "heldout.jsonl") == 64
     herd.get_config(f"cpu,task_dir={tmp_path / 'default'}")
     assert lines(tmp_path / "default" / "prompts.jsonl") == 120 and lines(tmp_path / "default" / "heldout.jsonl") == 100
@@ -102,27 +103,27 @@ def _tiny_workdir(path, stage="pretrain"):
 
 def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     task = f"task_dir={tmp_path / 'task'}"
-    herd = E.resolve(_load("herd").get_config(f"cpu,{task}"))
+    herd = E.resolve(_load("herd").get_config(f"cpu,{task}"), KINDS)
     names = [s.name for s in herd]
     assert names == ["pretrain", "sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
     dpo = {s.name: s for s in herd}["dpo_r1"]
-    assert dpo.optim.peak_lr == 1e-5 and dpo.options["beta"] == 0.1 and dpo.options["nll_coef"] == 0.2
+    assert dpo.optim.peak_lr == 1e-5 and dpo.options.beta == 0.1 and dpo.options.nll_coef == 0.2
     avg = {s.name: s for s in herd}["avg_r1"]
-    assert avg.kind == "average" and avg.options["sources"] == "stage:dpo_r1,stage:dpo_r1_2"
+    assert avg.kind == "average" and [str(x) for x in avg.options.sources] == ["stage:dpo_r1", "stage:dpo_r1_2"]
     run = _tiny_workdir(tmp_path / "herd_run")
-    post = E.resolve(_load("posttrain").get_config(f"cpu,init={run},rounds=2,rm=1,{task}"))
+    post = E.resolve(_load("posttrain").get_config(f"cpu,init={run},rounds=2,rm=1,{task}"), KINDS)
     names = [s.name for s in post]
     assert names[:8] == ["sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1", "rm_r2"]
-    assert {s.name: s for s in post}["dpo_r1"].options["preferences"] == "stage:pairs_r1/preferences.jsonl"
+    assert {s.name: s for s in post}["dpo_r1"].options.preferences == E.StageRef("pairs_r1", "preferences.jsonl")
     first = post[0]
     assert first.init_source == f"init_from:{run}/stages/pretrain/checkpoints"
     by_name = {s.name: s for s in post}
     # round 2's data comes from round 1's model: its reward model and sampler start from avg_r1
     assert by_name["rm_r2"].init_source == by_name["rs_r2"].init_source == "previous:avg_r1"
-    assert by_name["rs_r2"].options["reward_model"] == "stage:rm_r2"
-    assert by_name["rm_r2"].options["preferences"] == "stage:rs_r1/preferences.jsonl"
+    assert by_name["rs_r2"].options.reward_model == E.StageRef("rm_r2")
+    assert by_name["rm_r2"].options.preferences == E.StageRef("rs_r1", "preferences.jsonl")
     sweep = E.resolve(_load("posttrain").get_config(f"dpo_sweep,init={_tiny_workdir(tmp_path / 'h2', 'sft_r1')},"
-                                                      f"{task}"))
+                                                      f"{task}"), KINDS)
     assert [s.optim.peak_lr for s in sweep[1:]] == [1e-4, 3e-5, 1e-5, 1e-5, 1e-4]
     assert {s.init_source for s in sweep[1:]} == {"previous:pairs"}
     with pytest.raises(ValueError, match="needs init="):
@@ -144,14 +145,14 @@ def test_posttrain_paper_variant_resolves_with_the_papers_settings(tmp_path):
     init = tmp_path / "llama3.1-8b"
     init.mkdir()
     arg = "paper," + ",".join(f"{k}={v}" for k, v in files.items()) + f",init={init}"
-    stages = E.resolve(_load("posttrain").get_config(arg))
+    stages = E.resolve(_load("posttrain").get_config(arg), KINDS)
     by_name = {s.name: s for s in stages}
     assert len([s for s in stages if s.kind == "dpo"]) == 12 and "avg_r6" in by_name  # 6 rounds, 2 DPO runs each
     dpo, sft = by_name["dpo_r1"], by_name["sft_r1"]
     assert dpo.optim.peak_lr == sft.optim.peak_lr == 1e-5 and sft.total_steps == 9000
-    assert dpo.options["beta"] == 0.1 and dpo.options["nll_coef"] == 0.2
-    assert by_name["rs_r1"].options["k"] == 10 and by_name["rs_r1"].options["scorer"] == "reward"
+    assert dpo.options.beta == 0.1 and dpo.options.nll_coef == 0.2
+    assert by_name["rs_r1"].options.k == 10 and by_name["rs_r1"].options.scorer == "reward"
     assert stages[0].model.n_layers == 32 and stages[0].phases[0].seq_len == 8192
     assert stages[0].init_source == f"init_from:{init}"
     for s in ("70b", "405b"):
-        assert E.resolve(_load("posttrain").get_config(f"{arg},size={s}"))[0].model.name.endswith(s)
+        assert E.resolve(_load("posttrain").get_config(f"{arg},size={s}"), KINDS)[0].model.name.endswith(s)

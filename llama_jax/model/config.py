@@ -54,6 +54,18 @@ class ModelConfig:
     fuse_projections: bool = True  # Q/K/V and gate/up each as one matmul (same parameters, fewer larger GEMMs)
     init_std: float = 0.02
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """A ModelConfig from its `dataclasses.asdict` form (a stage's model_config.json); unknown fields are an
+        error naming them."""
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"model config has unknown field(s) {unknown}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
     def __post_init__(self):
         for field, allowed in (("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
                                ("attention", ATTENTION_BACKENDS)):

@@ -15,10 +15,11 @@ PAPER_SFT_LR = 1e-5
 PAPER_DPO_LR = 1e-5
 
 
-def sft_stage(name: str, dialogs: str, steps: int, seq_len: int, batch: int, lr: float = PAPER_SFT_LR,
+def sft_stage(name: str, dialogs: str | list[str], steps: int, seq_len: int, batch: int, lr: float = PAPER_SFT_LR,
               warmup: int = 0, **options) -> dict:
     return E.stage(name, [E.phase(seq_len, batch)], E.optim(lr, warmup, final_lr_ratio=0.1, weight_decay=0.0),
-                   steps=steps, kind="sft", options=dict(dialogs=dialogs, **options))
+                   steps=steps, kind="sft",
+                   options=dict(dialogs=[dialogs] if isinstance(dialogs, str) else list(dialogs), **options))
 
 
 def dpo_stage(name: str, preferences: str, steps: int, seq_len: int, pairs: int, lr: float = PAPER_DPO_LR,
@@ -34,18 +35,17 @@ def reward_stage(name: str, preferences: str, steps: int, seq_len: int, records:
 
 
 def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **options) -> dict:
-    """One step at learning rate 0 (warm-up from 0): the stage samples and writes data, it trains nothing."""
-    return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 1), steps=1, kind="rejection_sampling",
+    """The stage samples and writes data; it trains nothing (its phase is the shape it evaluates at)."""
+    return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 0), kind="rejection_sampling",
                    options=dict(prompts=prompts, **options))
 
 
 def average_stage(name: str, sources: list[str], weights: list[float] | None = None, seq_len: int = 64,
                   batch: int = 8, **options) -> dict:
     """The weighted mean (uniform by default) of `sources` (`stage:<name>`, another run's workdir, or a
-    checkpoint directory) as a stage: one step at learning rate 0, its checkpoint is the average."""
-    return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 1), steps=1, kind="average",
-                   options=dict(sources=",".join(sources),
-                                weights=",".join(repr(float(w)) for w in weights) if weights else "", **options))
+    checkpoint directory) as a stage: it trains nothing, its checkpoint is the average."""
+    return E.stage(name, [E.phase(seq_len, batch)], E.optim(1.0, 0), kind="average",
+                   options=dict(sources=list(sources), weights=[float(w) for w in weights or ()], **options))
 
 
 def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10, verifier: str = "",
@@ -79,7 +79,7 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
         evaluation["eval_verifier"] = eval_verifier
     out.append(rejection_stage(f"rs_r{r}", prompts, seq_len, batch, k=k, start_from=policy, **scorer,
                                **dict(rs or {}), **evaluation))
-    dialogs = f"stage:rs_r{r}/sft.jsonl" + (f",{sft_extra}" if sft_extra else "")
+    dialogs = [f"stage:rs_r{r}/sft.jsonl"] + ([sft_extra] if sft_extra else [])
     out.append(sft_stage(f"sft_r{r}", dialogs, sft_steps, seq_len, batch, sft_lr, **task))
     pairs = dpo_batch or batch // 2
     prefs = f"stage:rs_r{r}/preferences.jsonl"

@@ -26,7 +26,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -189,18 +189,13 @@ class StageCheckpoints:
         `iterator_factory(meta_or_None)` builds a fresh iterator for the checkpoint's data phase; a checkpoint
         that fails to restore is moved aside (`<step>.corrupt`) with a warning and the previous one is tried.
         """
-        for step in reversed(self.all_steps()):
-            try:
-                iterator = iterator_factory(self.read_meta(step))
-                state, meta = self.restore(step, abstract_state, iterator)
-                return step, state, iterator, meta
-            except hosts.ReshardError:  # the checkpoint is fine; this process count cannot split its data
-                raise
-            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                logging.warning("checkpoint %s/%d could not be restored (%s); falling back to the previous one",
-                                self.directory, step, f"{type(e).__name__}: {first_line(e)}")
-                self._quarantine(step)
-        return None
+        def restore(step):
+            iterator = iterator_factory(self.read_meta(step))
+            state, meta = self.restore(step, abstract_state, iterator)
+            return state, iterator, meta
+
+        step, restored, _ = first_restorable(self.directory, self.all_steps(), restore, on_failure=self.quarantine)
+        return None if step is None else (step, *restored)
 
     def state_shapes(self, step: int) -> dict[str, tuple]:
         """{tree path (`path_names`): shape} of the arrays in checkpoint `step`'s train state (metadata only)."""
@@ -222,6 +217,29 @@ class StageCheckpoints:
     def close(self) -> None:
         self.wait()
         self._manager.close()
+
+
+def first_restorable(directory: str, steps: Sequence[int], restore: Callable[[int], Any],
+                     on_failure: Callable[[int], None] | None = None, keep: tuple[type, ...] = ()
+                     ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """The one walk back past unreadable checkpoints: `restore(step)` for `steps` newest first until one
+    succeeds. Returns (step, its result, [(failed step, why)]), or (None, None, failures) when none restores.
+
+    A failure is logged as one warning line naming the checkpoint and why, and `on_failure(step)` is called
+    (e.g. to move it aside). Exceptions of the `keep` types (and `hosts.ReshardError`: the checkpoint is fine,
+    this process count cannot split its data) are not failures of the checkpoint and propagate."""
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(step), failures
+        except (hosts.ReshardError, *keep):
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            failures.append((step, f"{type(e).__name__}: {first_line(e)}"))
+            logging.warning("checkpoint %s/%d could not be restored (%s)", directory, step, failures[-1][1])
+            if on_failure is not None:
+                on_failure(step)
+    return None, None, failures
 
 
 def load_params(directory: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.train import loop
+from llama_jax.stages import KINDS
+from llama_jax.train import driver, stage_run
 from llama_jax.train import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def _params(workdir):
 def reference(embedded_data_cache, tmp_path_factory):
     """The uninterrupted 1-process, 8-device run (in this process: conftest's 8 CPU devices)."""
     workdir = tmp_path_factory.mktemp("ref_1x8")
-    loop.run_experiment(_config(embedded_data_cache), str(workdir))
+    driver.run_experiment(_config(embedded_data_cache), str(workdir), KINDS)
     return _losses(workdir), _params(workdir)
 
 

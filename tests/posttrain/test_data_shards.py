@@ -1,6 +1,7 @@
 """The post-training train iterators read the driver's logical data shards (`llama_jax.data.hosts`): the global
 batch does not depend on the process count, a stage restarts on another process count exactly, and every
 record's rows stay together in any batch, micro-batch or concatenation of shards."""
+import dataclasses
 import types
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from llama_jax import experiment
 from llama_jax.data import hosts
 from llama_jax.posttrain import data as data_lib
-from llama_jax.posttrain import stages
+from llama_jax.stages import KINDS, common
+from llama_jax.train import kind as kind_lib
 
 SHARDS = 4
 
@@ -25,16 +27,17 @@ def _ctx(tmp_path, tok, tiny_cfg, kind, global_batch, grad_accum=1):
                                    for a in range(40)])
     opts = {"preferences": prefs} if kind.name != "sft" else {"dialogs": dialogs}
     stage = types.SimpleNamespace(name=f"{kind.name}-{global_batch}-{grad_accum}", kind=kind.name, model=tiny_cfg,
-                                  options=experiment._freeze(kind.options("s", opts, 4)), grad_accum=grad_accum,
+                                  options=kind.parse_options("s", opts), grad_accum=grad_accum,
                                   phases=(experiment.Phase(0, 32, global_batch),), iterator_seed=lambda: 11,
                                   init_source="scratch")
-    return types.SimpleNamespace(stage=stage, tokenizer=tok, data_shard=None,
-                                 writer=types.SimpleNamespace(workdir=str(tmp_path), write_text=lambda *a: None))
+    return kind_lib.StageContext(stage=stage, config=None, tokenizer=tok, mesh=None, rules=None,
+                                 writer=types.SimpleNamespace(write_text=lambda *a: None), data_cfg={},
+                                 to_device=None, eval_step=None, workdir=str(tmp_path))
 
 
 def _process_iterators(ctx, kind, processes):
     def factory(shard, shards):
-        return kind.train_iterator(types.SimpleNamespace(**{**vars(ctx), "data_shard": (shard, shards)}), 0, {})
+        return kind.train_iterator(dataclasses.replace(ctx, data_shard=(shard, shards)), 0, {})
     return [hosts.ShardedTrainIterator(factory, SHARDS, ctx.stage.phases[0].global_batch, p, processes)
             for p in range(processes)]
 
@@ -43,7 +46,7 @@ def _global_batch(iterators):
     return hosts.concat_rows([next(it) for it in iterators])
 
 
-@pytest.mark.parametrize("kind,global_batch", [(stages.SFT(), 8), (stages.Reward(), 24)])
+@pytest.mark.parametrize("kind,global_batch", [(KINDS["sft"], 8), (KINDS["reward"], 24)])
 def test_global_batch_and_restart_do_not_depend_on_the_process_count(tmp_path, tok, tiny_cfg, kind, global_batch):
     ctx = _ctx(tmp_path, tok, tiny_cfg, kind, global_batch)
     one = _process_iterators(ctx, kind, 1)
@@ -68,14 +71,14 @@ def test_global_batch_and_restart_do_not_depend_on_the_process_count(tmp_path, t
 
 
 def test_records_stay_together_across_shards_and_micro_batches(tmp_path, tok, tiny_cfg):
-    kind = stages.Reward()
+    kind = KINDS["reward"]
     for grad_accum in (1, 2):
         ctx = _ctx(tmp_path, tok, tiny_cfg, kind, 24 * grad_accum, grad_accum)
         batch = _global_batch(_process_iterators(ctx, kind, 2))
         micro = [{k: v[i::grad_accum] for k, v in batch.items()} for i in range(grad_accum)]  # the driver's split
         records = 0
         for b in micro:
-            chosen, rejected, edited = stages._split_roles(b["inputs"], 3)
+            chosen, rejected, edited = common.split_roles(b["inputs"], 3)
             for c, r, e in zip(chosen, rejected, edited):
                 cq, rq = tok.decode(c[c > 0].tolist()), tok.decode(r[r > 0].tolist())
                 question = cq.split("What is ")[1].split("?")[0]
@@ -89,8 +92,8 @@ def test_records_stay_together_across_shards_and_micro_batches(tmp_path, tok, ti
 
 
 def test_a_stage_whose_records_all_exceed_the_sequence_length_is_refused(tmp_path, tok, tiny_cfg):
-    for kind, message in ((stages.SFT(), r"every dialog of .*dialogs.jsonl' is longer than the sequence length 6"),
-                          (stages.Reward(), r"no preference record of .*prefs.jsonl' fits the sequence length 6")):
+    for kind, message in ((KINDS["sft"], r"every dialog of .*dialogs.jsonl' is longer than the sequence length 6"),
+                          (KINDS["reward"], r"no preference record of .*prefs.jsonl' fits the sequence length 6")):
         ctx = _ctx(tmp_path, tok, tiny_cfg, kind, 6)
         ctx.stage.phases = (experiment.Phase(0, 6, 6),)
         with pytest.raises(ValueError, match=message):

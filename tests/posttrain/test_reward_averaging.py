@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llama_jax.model import transformer
-from llama_jax.posttrain import averaging, reward
+from llama_jax.posttrain import reward
+from llama_jax.train import averaging
 
 
 def _nls(x):  # −log σ(x)

@@ -12,8 +12,10 @@ from llama_jax import experiment
 from llama_jax.model import transformer
 from llama_jax.posttrain import data as data_lib
 from llama_jax.posttrain import dpo as dpo_lib
-from llama_jax.posttrain import rejection, stages
+from llama_jax.posttrain import rejection
+from llama_jax.stages import KINDS
 from llama_jax.train import loss as loss_lib
+from llama_jax.train import resume
 from llama_jax.train import step as step_lib
 
 DIALOGS = [
@@ -44,7 +46,7 @@ def test_sft_packed_batch_equals_dialogs_one_by_one(tok, tiny_cfg):
 
 
 def _ctx(cfg, tok, **opts):
-    options = stages.DPO().options("dpo", {"preferences": "stage:rs/preferences.jsonl", **opts}, 1)
+    options = KINDS["dpo"].parse_options("dpo", {"preferences": "stage:rs/preferences.jsonl", **opts})
     stage = types.SimpleNamespace(model=cfg, options=options, name="dpo")
     return types.SimpleNamespace(stage=stage, tokenizer=tok)
 
@@ -85,11 +87,11 @@ def test_dpo_stage_loss_masks_formatting_and_adds_nll(tok, tiny_cfg):
         transformer.apply(tiny_cfg, ref_params, batch["inputs"], batch["positions"], batch["segment_ids"])[0],
         batch["targets"]))
     batch["ref_logps"] = (ref_lp * batch["loss_mask"]).astype(np.float32)
-    loss_fn = stages.DPO().loss_fn(_ctx(tiny_cfg, tok))
+    loss_fn = KINDS["dpo"].loss_fn(_ctx(tiny_cfg, tok))
     total, count = loss_fn(params, batch)
     assert float(count) == 2
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
-    no_nll, _ = stages.DPO().loss_fn(_ctx(tiny_cfg, tok, nll_coef=0.0))(params, batch)
+    no_nll, _ = KINDS["dpo"].loss_fn(_ctx(tiny_cfg, tok, nll_coef=0.0))(params, batch)
     np.testing.assert_allclose(float(total) - float(no_nll), 0.2 * nll.sum(), rtol=1e-4)
 
 
@@ -111,16 +113,16 @@ def test_rejection_sampling_keeps_the_argmax_under_a_verifier():
 
 def test_posttrain_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['betta'\]"):
-        stages.DPO().options("d", {"preferences": "stage:rs/p.jsonl", "betta": 0.1}, 4)
+        KINDS["dpo"].parse_options("d", {"preferences": "stage:rs/p.jsonl", "betta": 0.1})
     with pytest.raises(ValueError, match="options.preferences is required"):
-        stages.DPO().options("d", {}, 4)
+        KINDS["dpo"].parse_options("d", {})
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        stages.SFT().options("s", {"dialogs": str(tmp_path / "none.jsonl")}, 4)
-    with pytest.raises(ValueError, match="give it steps=1"):
-        stages.RejectionSampling().options("r", {"prompts": "stage:x/y", "verifier": "a:b"}, 3)
+        KINDS["sft"].parse_options("s", {"dialogs": str(tmp_path / "none.jsonl")})
+    with pytest.raises(ValueError, match="trains nothing: give it no steps"):
+        experiment.stage_steps(experiment.stage("r", [experiment.phase(64, 8)], experiment.optim(1.0, 1), steps=3,
+                                                kind="rejection_sampling"), trains=False)
     with pytest.raises(ValueError, match="takes no options"):
-        from llama_jax.train import kinds
-        kinds.get("pretrain").options("p", {"beta": 1}, 3)
+        KINDS["pretrain"].parse_options("p", {"beta": 1})
 
 
 def _driver_config(tok_path, tmp_path):
@@ -146,7 +148,7 @@ def _driver_config(tok_path, tmp_path):
                          options=dict(dialogs=paths["sft"], **task)),
         experiment.stage("rm", [experiment.phase(64, 24)], opt, steps=2, kind="reward",
                          options=dict(preferences=prefs)),
-        experiment.stage("rs", [experiment.phase(64, 8)], opt, steps=1, kind="rejection_sampling",
+        experiment.stage("rs", [experiment.phase(64, 8)], opt, kind="rejection_sampling",
                          options=dict(prompts=paths["prompts"], k=3, scorer="reward", reward_model="stage:rm",
                                         max_new_tokens=6, start_from="sft")),
         experiment.stage("sft2", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
@@ -159,17 +161,18 @@ def _driver_config(tok_path, tmp_path):
 
 def test_a_round_feeds_the_next(tok_path, tmp_path):
     from llama_jax import workdir as workdir_lib
-    from llama_jax.train import loop
+    from llama_jax.stages import KINDS
+    from llama_jax.train import driver
     c = _driver_config(tok_path, tmp_path)
     workdir = str(tmp_path / "run")
-    results = loop.run_experiment(c, workdir)
+    results = driver.run_experiment(c, workdir, KINDS)
     assert 0.0 <= results["sft"]["eval_task_accuracy"] <= 1.0
     assert 0.0 <= results["rm"]["eval_ranking_accuracy"] <= 1.0
     stats = results["rs"]["rejection_sampling"]
     assert stats["prompts"] == 4 and stats["samples_per_prompt"] == 3 and stats["scorer"] == "reward"
     # rejection sampling trains nothing: its checkpoint is the model it started from (sft, not rm)
-    _, sft_params = workdir_lib.load(workdir, stage="sft")
-    _, rs_params = workdir_lib.load(workdir, stage="rs")
+    _, sft_params = resume.load_workdir(workdir, stage="sft")
+    _, rs_params = resume.load_workdir(workdir, stage="rs")
     for a, b in zip(jax.tree.leaves(sft_params), jax.tree.leaves(rs_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     sft_file = workdir_lib.stage_output_path(workdir, "rs", "sft.jsonl")

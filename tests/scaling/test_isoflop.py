@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from llama_jax import experiment as E
+from llama_jax.stages import KINDS
 from llama_jax.scaling import isoflop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ def _experiment():
 @pytest.mark.parametrize("variant", ["cpu", "paper", "toy"])
 def test_planner_spends_each_budget_and_every_run_is_a_pretrain_stage(variant):
     c = _experiment().get_config(variant)
-    E.validate(c)
+    E.resolve(c, KINDS)
     runs = {r["name"]: r for r in c.sweep.runs}
     assert [st["name"] for st in c.stages] == list(runs)
     per_budget = {}

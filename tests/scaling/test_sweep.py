@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from llama_jax.scaling import downstream, sweep
-from llama_jax.train import loop
+from llama_jax.stages import KINDS
+from llama_jax.train import driver, stage_run
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ def test_toy_sweep_runs_records_skips_and_survives_a_failed_run(tmp_path):
     def train(config, workdir):
         calls.append(config.stages[0]["name"])
         assert "sweep" not in config and len(config.stages) == 1  # an ordinary one-stage experiment
-        return loop.run_experiment(config, workdir)
+        return driver.run_experiment(config, workdir, KINDS)
 
     records = sweep.run_sweep(c, str(tmp_path / "w"), train=train, stream=out)
     assert calls == [st["name"] for st in c.stages]

@@ -33,7 +33,7 @@ def test_average_is_exact_on_any_mesh(ckpt_dir, mesh_shape):
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _params(0), sh)
     steps = averaging.last_checkpoints(ckpt_dir, 3, after=10)
     assert steps == [20, 30, 40]
-    out = jax.device_get(averaging.average_checkpoints(ckpt_dir, steps, abstract))
+    out = jax.device_get(averaging.average_checkpoints([(ckpt_dir, s) for s in steps], abstract))
     trees = [_params(s) for s in steps]
     for path in (("w",), ("b", "v")):
         get = (lambda t: t[path[0]]) if len(path) == 1 else (lambda t: t[path[0]][path[1]])
@@ -48,8 +48,8 @@ def test_bad_requests_are_named(ckpt_dir):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), _params(0))
     with pytest.raises(FileNotFoundError, match=r"step\(s\) \[50\] not found"):
-        averaging.average_checkpoints(ckpt_dir, [40, 50], abstract)
+        averaging.average_checkpoints([(ckpt_dir, 40), (ckpt_dir, 50)], abstract)
     with pytest.raises(ValueError, match="empty"):
-        averaging.average_checkpoints(ckpt_dir, [], abstract)
+        averaging.average_checkpoints([], abstract)
     with pytest.raises(FileNotFoundError, match="no checkpoint after step 40"):
         averaging.last_checkpoints(ckpt_dir, 2, after=40)

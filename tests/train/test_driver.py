@@ -17,7 +17,10 @@ from llama_jax import workdir as workdir_lib
 from llama_jax.data import batch as batch_lib
 from llama_jax.data import corpus
 from llama_jax.data.tokenizer import Tokenizer
-from llama_jax.train import kinds, loop
+from llama_jax.stages import KINDS
+from llama_jax.stages.pretrain import Pretrain
+from llama_jax.train import driver, kind as kind_lib, stage_run, stream as stream_lib
+from tests.train.faults import faulty
 from tests.train.helpers import pretrain_config
 
 SMALL = "tiny,steps=4,batch=8,seq_len=32,warmup=1,layers=1"
@@ -53,7 +56,7 @@ def _params(workdir):
 def finished(data_cache, tmp_path_factory):
     """A finished 4-step run (checkpoints 0, 2, 4)."""
     wd = tmp_path_factory.mktemp("finished")
-    loop.run_experiment(_config(data_cache), str(wd))
+    driver.run_experiment(_config(data_cache), str(wd), KINDS)
     return wd
 
 
@@ -61,14 +64,14 @@ def finished(data_cache, tmp_path_factory):
 def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path, shards):
     """Each logical data shard (data.hosts) is one document stream continued across the phases."""
     c = _ramp(_config(data_cache))
-    (stage,) = E.resolve(c)
+    (stage,) = E.resolve(c, KINDS)
     assert [(p.first_step, p.seq_len, p.global_batch) for p in stage.phases] == [(0, 32, 8), (3, 64, 8)]
     data_cfg = E.thaw(stage.data) | {"cache_dir": data_cache}
     tok = Tokenizer.from_file(os.path.join(corpus.corpus_dir(data_cache),
                                            f"tokenizer-{corpus.DEFAULT_BPE_RANKS}.model"))
     seen = []
 
-    class Recording(kinds.Pretrain):
+    class Recording(Pretrain):
         def train_iterator(self, ctx, phase, start_documents):
             it = super().train_iterator(ctx, phase, start_documents)
 
@@ -79,9 +82,9 @@ def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path, shar
                     return b
             return Wrapped()
 
-    ctx = kinds.StageContext(stage=stage, config=c, tokenizer=tok, mesh=None, rules=None, writer=None,
-                             data_cfg=data_cfg, to_device=None, eval_step=None)
-    stream = loop.StageStream(Recording(), ctx)
+    ctx = kind_lib.StageContext(stage=stage, config=c, tokenizer=tok, mesh=None, rules=None, writer=None,
+                               data_cfg=data_cfg, to_device=None, eval_step=None)
+    stream = stream_lib.StageStream(Recording(), ctx)
     stream.open(0, num_shards=shards)
     assert stream.iterator.local_shards == list(range(shards))
     for step in range(8):
@@ -104,7 +107,7 @@ def test_a_ramped_stage_continues_one_document_stream(data_cache, tmp_path, shar
 def test_resume_at_and_just_after_a_phase_boundary_is_bitwise(data_cache, tmp_path):
     c = _ramp(_config(data_cache, **{"checkpoint.every_steps": 1, "debug.log_batches": True}))
     ref = tmp_path / "ref"
-    loop.run_experiment(c, str(ref))
+    driver.run_experiment(c, str(ref), KINDS)
     ref_params, ref_crcs = _params(ref), _crcs(ref)
     assert len(ref_crcs) == 6
     for resume_at in (3, 4):  # the checkpoint at the boundary, and the first one in the new phase
@@ -115,7 +118,7 @@ def test_resume_at_and_just_after_a_phase_boundary_is_bitwise(data_cache, tmp_pa
         for p in ckdir.iterdir():
             if p.name.isdigit() and int(p.name) > resume_at:
                 shutil.rmtree(p)
-        loop.run_experiment(c, str(wd))
+        driver.run_experiment(c, str(wd), KINDS)
         assert _crcs(wd) == ref_crcs
         jax.tree.map(np.testing.assert_array_equal, _params(wd), ref_params)
 
@@ -125,10 +128,10 @@ def test_a_changed_model_config_is_refused_and_never_called_corruption(data_cach
     shutil.copytree(finished, wd)
     changed = _config(data_cache, SMALL.replace("layers=1", "layers=2"))
     with pytest.raises(ValueError, match=r"model.n_layers: 1 -> 2.*--allow_config_change"):
-        loop.run_experiment(changed, str(wd))
+        driver.run_experiment(changed, str(wd), KINDS)
     os.remove(workdir_lib.done_path(str(wd), "pretrain"))
     with pytest.raises(ValueError, match="other shapes than the config's model"):
-        loop.run_experiment(changed, str(wd), allow_config_change=True)
+        driver.run_experiment(changed, str(wd), KINDS, allow_config_change=True)
     ckdir = pathlib.Path(workdir_lib.checkpoints_dir(str(wd), "pretrain"))
     assert sorted(p.name for p in ckdir.iterdir()) == ["0", "2", "4"]  # nothing moved aside
 
@@ -139,7 +142,7 @@ def test_config_json_kept_when_the_stage_is_skipped_and_generate_works(data_cach
     shutil.copytree(finished, wd)
     before = (wd / "config.json").read_text()
     changed = _config(data_cache, SMALL.replace("layers=1", "layers=2"))
-    loop.run_experiment(changed, str(wd), allow_config_change=True)  # finished: skipped
+    driver.run_experiment(changed, str(wd), KINDS, allow_config_change=True)  # finished: skipped
     assert (wd / "config.json").read_text() == before
     completion, gen = text.generate_text(str(wd), "def ", max_new_tokens=3)
     assert gen.generated_tokens >= 1
@@ -160,9 +163,9 @@ def test_unreadable_checkpoints_are_refused_unless_starting_over(data_cache, fin
         _damage(ckdir / step)
     c = _config(data_cache)
     with pytest.raises(ValueError, match=r"none of its checkpoints restores \(.*/4: .*/2: .*/0: .*--start_over"):
-        loop.run_experiment(c, str(wd))
+        driver.run_experiment(c, str(wd), KINDS)
     assert sorted(p.name for p in ckdir.iterdir()) == ["0", "2", "4"]
-    result = loop.run_experiment(c, str(wd), start_over=True)["pretrain"]
+    result = driver.run_experiment(c, str(wd), KINDS, start_over=True)["pretrain"]
     assert result["step"] == 4
     assert len(list(ckdir.glob("*.corrupt-*"))) == 3
 
@@ -188,7 +191,7 @@ def test_generate_and_convert_use_the_previous_checkpoint_when_the_latest_is_cor
 def test_intervals_are_validated_and_zero_means_never(data_cache, tmp_path):
     c = _config(data_cache, "tiny,steps=3,batch=8,seq_len=32,warmup=1,layers=1",
                 **{"checkpoint.every_steps": 0, "log_every_steps": 0})
-    result = loop.run_experiment(c, str(tmp_path / "zero"))["pretrain"]
+    result = driver.run_experiment(c, str(tmp_path / "zero"), KINDS)["pretrain"]
     assert result["step"] == 3
     ckdir = pathlib.Path(workdir_lib.checkpoints_dir(str(tmp_path / "zero"), "pretrain"))
     assert sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit()) == [0, 3]  # start and end only
@@ -199,15 +202,15 @@ def test_intervals_are_validated_and_zero_means_never(data_cache, tmp_path):
                               ("log_every_steps", -5, "no periodic metrics"),
                               ("spike.window", 0, r"spike.window=0 must be an integer >= 1")):
         with pytest.raises(ValueError, match=match):
-            loop.run_experiment(_config(data_cache, **{key: value}), str(tmp_path / "bad"))
+            driver.run_experiment(_config(data_cache, **{key: value}), str(tmp_path / "bad"), KINDS)
     assert not (tmp_path / "bad" / "stages").exists()  # refused before any work
 
 
 def test_rollback_walks_back_past_a_checkpoint_that_reproduces_the_fault(data_cache, tmp_path):
     c = _config(data_cache, "tiny,steps=10,batch=8,seq_len=32,warmup=1,layers=1",
-                **{"checkpoint.every_steps": 4, "debug.nan_params_in_checkpoints": [8],
-                   "debug.nan_at_steps": [9, 10], "spike.max_bad_steps": 2})
-    result = loop.run_experiment(c, str(tmp_path))["pretrain"]
+                **{"checkpoint.every_steps": 4, "spike.max_bad_steps": 2})
+    result = driver.run_experiment(c, str(tmp_path), KINDS, stage_run=faulty(nan_at_steps=[9, 10],
+                                                                            nan_params_in_checkpoints=[8]))["pretrain"]
     # Steps 9, 10 bad -> back to 8 (NaN params: the fault again) -> back past it to 4 -> clean to the end.
     assert result["step"] == 10 and result["rollbacks"] == 2
     rollbacks = [m for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "pretrain/rollback" in m]
@@ -227,7 +230,7 @@ def test_sigterm_during_the_final_samples_stops_before_the_next_stage(data_cache
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "generate", generate_then_sigterm)
-    with pytest.raises(loop.Preempted, match="stage 'pretrain'"):
-        loop.run_experiment(c, str(tmp_path))
+    with pytest.raises(stage_run.Preempted, match="stage 'pretrain'"):
+        driver.run_experiment(c, str(tmp_path), KINDS)
     assert workdir_lib.read_done(str(tmp_path), "pretrain")["step"] == 2
     assert not os.path.exists(workdir_lib.stage_dir(str(tmp_path), "long_context"))

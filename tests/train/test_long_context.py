@@ -15,10 +15,11 @@ from llama_jax.model import transformer
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
-from llama_jax.train import loop
+from llama_jax.stages import KINDS
+from llama_jax.train import driver, stage_run
 from llama_jax.train import step as step_lib
-from llama_jax.train import long_context
-from llama_jax.train.long_context import GateFailed
+from llama_jax.stages.anneal import data_value_report
+from llama_jax.stages.long_context import GateFailed
 from tests.train.test_driver import _config
 
 
@@ -37,13 +38,13 @@ def test_gates_stop_then_resume_and_anneal_averages(data_cache, tmp_path):
     c.stages = _stages(threshold=1.0)
     wd = str(tmp_path / "run")
     with pytest.raises(GateFailed, match=r"stage 'long': gate 'needle' failed: measured 0\.0000, needs >= 1"):
-        loop.run_experiment(c, wd)
+        driver.run_experiment(c, wd, KINDS)
     long_dir = workdir_lib.stage_dir(wd, "long")
     assert os.path.exists(os.path.join(long_dir, "gates.json")) and os.path.exists(os.path.join(long_dir, "needle.png"))
     assert workdir_lib.read_done(wd, "long") is None and workdir_lib.read_done(wd, "pretrain") is not None
 
     c.stages = _stages(threshold=0.0)  # fixed config: the rerun resumes the stage at its final checkpoint
-    results = loop.run_experiment(c, wd, allow_config_change=True)
+    results = driver.run_experiment(c, wd, KINDS, allow_config_change=True)
     long = results["long"]
     assert long["step"] == 2 and long["gates"]["gate_needle"]["passed"]
     short = long["gates"]["gate_short_loss"]
@@ -52,7 +53,7 @@ def test_gates_stop_then_resume_and_anneal_averages(data_cache, tmp_path):
 
     anneal = results["anneal"]
     assert anneal["averaged_steps"] == [2, 3] and anneal["averaged_checkpoint"] == 4
-    cfg = E.resolve(c)[2].model
+    cfg = E.resolve(c, KINDS)[2].model
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
                             transformer.param_shapes(cfg))
@@ -66,17 +67,17 @@ def test_bad_options_and_lengths_are_named(data_cache):
     c = _config(data_cache)
     c.stages = _stages(0.0)
     c.stages[1]["options"]["needle_treshold"] = 0.5
-    with pytest.raises(ValueError, match=r"stage 'long': unknown option\(s\) \['needle_treshold'\]"):
-        E.resolve(c)
+    with pytest.raises(ValueError, match=r"stage 'long' \(long_context\): unknown option\(s\) \['needle_treshold'\]"):
+        E.resolve(c, KINDS)
     c.stages = _stages(0.0)
     c.stages[1]["phases"] = [E.phase(4096, 1)]
     with pytest.raises(ValueError, match="stage 'long': seq_len 4096 exceeds the model's max_seq_len 2048"):
-        E.resolve(c)
+        E.resolve(c, KINDS)
     c.stages = _stages(0.0)
     c.mesh.context = 4
     c.stages[1]["phases"] = [E.phase(36, 4)]
     with pytest.raises(ValueError, match=r"stage 'long': seq_len 36 cannot be split over mesh.context=4"):
-        E.resolve(c)
+        E.resolve(c, KINDS)
 
 
 def _losses(wd, stage):
@@ -105,21 +106,21 @@ def test_resume_inside_a_long_context_stage_is_exact(data_cache, tmp_path, monke
     c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1), steps=2),
                 E.stage("long", [E.phase(64, 4)], E.optim(1e-3, 1), steps=5, kind="long_context", options=gates)]
     ref, wd = tmp_path / "ref", tmp_path / "crashed"
-    loop.run_experiment(c, str(ref))
+    driver.run_experiment(c, str(ref), KINDS)
 
-    original = loop.StageRun.periodic
+    original = stage_run.StageRun.periodic
 
     def crash_at_3(self, step, state, info):
         if self.name == "long" and step == 3:
             raise KeyboardInterrupt("simulated kill after step 3")
         return original(self, step, state, info)
 
-    monkeypatch.setattr(loop.StageRun, "periodic", crash_at_3)
+    monkeypatch.setattr(stage_run.StageRun, "periodic", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
-        loop.run_experiment(c, str(wd))
+        driver.run_experiment(c, str(wd), KINDS)
     assert ckpt_lib.list_steps(workdir_lib.checkpoints_dir(str(wd), "long")) == [0, 2]
-    monkeypatch.setattr(loop.StageRun, "periodic", original)
-    loop.run_experiment(c, str(wd))
+    monkeypatch.setattr(stage_run.StageRun, "periodic", original)
+    driver.run_experiment(c, str(wd), KINDS)
 
     def crcs(w):
         seen = {}
@@ -130,13 +131,13 @@ def test_resume_inside_a_long_context_stage_is_exact(data_cache, tmp_path, monke
 
     assert len(crcs(ref)) == 5 and crcs(wd) == crcs(ref)
     assert len(_losses(ref, "long")) == 5 and _losses(wd, "long") == _losses(ref, "long")
-    cfg = E.resolve(c)[1].model
+    cfg = E.resolve(c, KINDS)[1].model
     jax.tree.map(np.testing.assert_array_equal, _stage_params(wd, "long", cfg), _stage_params(ref, "long", cfg))
 
 
 def _opt_leaves(wd, stage, c, step):
     """{"mu", "nu", "adam_count", "schedule_count"} of a stage checkpoint's AdamW state, on the host."""
-    st = next(s for s in E.resolve(c) if s.name == stage)
+    st = next(s for s in E.resolve(c, KINDS) if s.name == stage)
     mesh = mesh_lib.make_mesh(c.mesh.to_dict())
     abstract = step_lib.abstract_train_state(st.model, st.optim, mesh, rules_lib.get_rules(c.sharding_rules))
     items, _, _ = ckpt_lib.load_state_items(workdir_lib.checkpoints_dir(str(wd), stage),
@@ -161,8 +162,8 @@ def test_stage_transition_carries_params_optimizer_and_data_as_configured(data_c
     c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1), steps=3),
                 E.stage("long", [E.phase(64, 4)], E.optim(1e-3, 1), steps=2, kind="long_context", options=opts)]
     wd = tmp_path / "run"
-    results = loop.run_experiment(c, str(wd))
-    cfg = E.resolve(c)[1].model
+    results = driver.run_experiment(c, str(wd), KINDS)
+    cfg = E.resolve(c, KINDS)[1].model
     jax.tree.map(np.testing.assert_array_equal, _stage_params(wd, "long", cfg, 0),
                  _stage_params(wd, "pretrain", cfg))
     before, after = _opt_leaves(wd, "pretrain", c, 3), _opt_leaves(wd, "long", c, 0)
@@ -181,7 +182,7 @@ def test_stage_transition_carries_params_optimizer_and_data_as_configured(data_c
     ramp.stages = [E.stage("pretrain", [E.phase(32, 8, until_tokens=3 * 256), E.phase(64, 4)], E.optim(1e-3, 1),
                            steps=5)]
     one = tmp_path / "one_stream"
-    loop.run_experiment(ramp, str(one))
+    driver.run_experiment(ramp, str(one), KINDS)
 
     def crcs(w, stage):
         return [json.loads(line)["crc32"] for line in open(workdir_lib.batches_path(str(w), stage))]
@@ -203,20 +204,20 @@ def test_data_value_probe_anneals_one_checkpoint_with_and_without_the_new_source
     c.stages = [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1, schedule_steps=4), steps=2)]
     c.stages += E.data_value_probe("pretrain", [code], prose, 0.3, [E.phase(32, 8)],
                                    E.optim(1e-3, 0, decay="linear", final_lr_ratio=0.0), steps=2)
-    stages = {s.name: s for s in E.resolve(c)}
+    stages = {s.name: s for s in E.resolve(c, KINDS)}
     assert stages["probe_base"].init_source == stages["probe_new"].init_source == "previous:pretrain"
     assert [s["weight"] for s in stages["probe_base"].data["sources"]] == [1.0, 0.0]
     assert [s["weight"] for s in stages["probe_new"].data["sources"]] == pytest.approx([0.7, 0.3])
-    results = loop.run_experiment(c, str(tmp_path / "run"))
+    results = driver.run_experiment(c, str(tmp_path / "run"), KINDS)
     cfg = stages["pretrain"].model
     start = _stage_params(tmp_path / "run", "pretrain", cfg)
     for name in ("probe_base", "probe_new"):
         jax.tree.map(np.testing.assert_array_equal, _stage_params(tmp_path / "run", name, cfg, 0), start)
-    report = long_context.data_value_report(results)
+    report = data_value_report(results)
     assert report["base_loss"] == results["probe_base"]["averaged_loss"]
     assert report["gain"] == pytest.approx(report["base_loss"] - report["new_loss"])
     assert report["base_loss"] != report["new_loss"]
     with pytest.raises(ValueError, match=r"weight=1.5 must be in \(0, 1\)"):
         E.data_value_probe("pretrain", [code], prose, 1.5, [E.phase(32, 8)], E.optim(1e-3, 0), steps=2)
     with pytest.raises(ValueError, match=r"stage\(s\) \['probe_new'\] recorded no held-out loss"):
-        long_context.data_value_report({"probe_base": results["probe_base"]})
+        data_value_report({"probe_base": results["probe_base"]})

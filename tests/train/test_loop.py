@@ -19,7 +19,9 @@ from llama_jax.model import config as model_config
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 from llama_jax.train import checkpoint as ckpt_lib
-from llama_jax.train import loop
+from llama_jax.stages import KINDS
+from llama_jax.train import driver, stage_run
+from tests.train.faults import faulty
 from llama_jax.train import step as step_lib
 from llama_jax.train.optim import OptimConfig
 from tests.train.helpers import pretrain_config
@@ -34,7 +36,7 @@ def _config(data_cache, arg=SMALL, **updates):
 
 def test_two_stage_experiment_runs_both_and_skips_the_first_on_restart(data_cache, tmp_path):
     c = _config(data_cache, "tiny,steps=6,batch=16,seq_len=32,warmup=2,stages=2,layers=2")
-    results = loop.run_experiment(c, str(tmp_path))
+    results = driver.run_experiment(c, str(tmp_path), KINDS)
     assert set(results) == {"pretrain", "long_context"}
     assert results["pretrain"]["step"] == 6 and results["long_context"]["step"] == 2
     assert results["long_context"]["tokens"] == 2 * 8 * 64  # batch 8 x seq 64: the stage's own shape
@@ -44,7 +46,7 @@ def test_two_stage_experiment_runs_both_and_skips_the_first_on_restart(data_cach
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any("long_context/train/loss" in m for m in metrics)
     done_mtime = os.path.getmtime(tmp_path / "stages/pretrain/DONE.json")
-    again = loop.run_experiment(c, str(tmp_path))
+    again = driver.run_experiment(c, str(tmp_path), KINDS)
     assert again["pretrain"]["step"] == 6
     assert os.path.getmtime(tmp_path / "stages/pretrain/DONE.json") == done_mtime  # not rerun
 
@@ -54,7 +56,7 @@ def test_loss_falls_on_the_embedded_corpus(data_cache, tmp_path):
     c.log_every_steps = 1
     c.eval.every_steps = 5  # the host is busy between some dispatches: a blocking save or an evaluation
     c.checkpoint.async_save = False
-    loop.run_experiment(c, str(tmp_path))
+    driver.run_experiment(c, str(tmp_path), KINDS)
     records = [m for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "pretrain/train/loss" in m]
     losses = [m["pretrain/train/loss"] for m in records]
     assert losses[0] > 7.5 and np.mean(losses[-3:]) < losses[0] - 1.5, losses
@@ -157,7 +159,7 @@ def test_init_from_starts_from_another_runs_parameters(data_cache, tmp_path, ref
                 init_from=str(reference_run / "stages/pretrain/checkpoints"))
     c.sample.max_new_tokens = 0
     c.eval.batches = 0
-    loop.run_experiment(c, str(tmp_path))
+    driver.run_experiment(c, str(tmp_path), KINDS)
     ref_params, _ = _final_params(reference_run)
     # Step 0 of the new run is the reference's final parameters (checkpointed at the start of the stage).
     cfg = model_config.get("tiny", n_layers=2)
@@ -192,8 +194,8 @@ def test_checkpoint_restores_onto_other_meshes_with_equal_logits(tmp_path):
 
 
 def test_injected_nan_batch_is_skipped_and_training_continues(data_cache, tmp_path):
-    c = _config(data_cache, "tiny,steps=8,batch=8,seq_len=32,warmup=2,layers=2", **{"debug.nan_at_steps": [4]})
-    result = loop.run_experiment(c, str(tmp_path))["pretrain"]
+    c = _config(data_cache, "tiny,steps=8,batch=8,seq_len=32,warmup=2,layers=2")
+    result = driver.run_experiment(c, str(tmp_path), KINDS, stage_run=faulty(nan_at_steps=[4]))["pretrain"]
     assert result["step"] == 8 and result["skipped_steps"] == 1 and result["rollbacks"] == 0
     logged = {m["step"]: m for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "pretrain/train/loss" in m}
     assert logged[4]["pretrain/train/nonfinite"] == 1 and logged[4]["pretrain/train/loss"] is None  # NaN -> null
@@ -202,8 +204,8 @@ def test_injected_nan_batch_is_skipped_and_training_continues(data_cache, tmp_pa
 
 def test_repeated_bad_steps_roll_back_and_skip_the_data_window(data_cache, tmp_path):
     c = _config(data_cache, "tiny,steps=12,batch=8,seq_len=32,warmup=2,layers=2",
-                **{"debug.nan_at_steps": [6, 7], "spike.max_bad_steps": 2, "debug.log_batches": True})
-    result = loop.run_experiment(c, str(tmp_path))["pretrain"]
+                **{"spike.max_bad_steps": 2, "debug.log_batches": True})
+    result = driver.run_experiment(c, str(tmp_path), KINDS, stage_run=faulty(nan_at_steps=[6, 7]))["pretrain"]
     assert result["rollbacks"] == 1 and result["step"] == 12
     # Steps 6 and 7 were bad: rolled back to the step-4 checkpoint and skipped the batches consumed since it, so
     # the steps after the rollback saw batches never seen before.

@@ -224,7 +224,8 @@ def test_existing_output_is_refused_and_a_failed_run_writes_nothing(planted, run
 
 def test_curated_output_trains_a_tiny_pretrain_stage(planted, runs, tmp_path, small_tokenizer_path):
     root, _, _ = planted
-    from llama_jax.train import loop  # noqa: PLC0415 - heavy, only this test trains
+    from llama_jax.stages import KINDS  # noqa: PLC0415 - heavy, only this test trains
+    from llama_jax.train import driver  # noqa: PLC0415
 
     repo = pathlib.Path(__file__).resolve().parents[3]
     spec = importlib.util.spec_from_file_location("pretrain", repo / "experiments/pretrain.py")
@@ -237,5 +238,5 @@ def test_curated_output_trains_a_tiny_pretrain_stage(planted, runs, tmp_path, sm
     c.checkpoint.update(every_steps=2, async_save=False)
     c.eval.update(every_steps=0, batches=1)
     c.sample.max_new_tokens = 0  # the small tokenizer has fewer ids than the model: no sampling
-    results = loop.run_experiment(c, str(tmp_path / "work"))
+    results = driver.run_experiment(c, str(tmp_path / "work"), KINDS)
     assert results["pretrain"]["step"] == 2

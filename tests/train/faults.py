@@ -1,27 +1,29 @@
 """Fault injection for tests and drills, kept out of the production driver: `FaultyStageRun` is the driver's
-`StageRun` with two of its parts overridden, chosen by `run_experiment` only when `config.debug` asks for it.
+`StageRun` with two of its parts overridden; pass `faulty(...)` as `run_experiment(..., stage_run=...)`.
 
-    debug.nan_at_steps                a NaN loss (and gradient) the first time each listed step runs (steps
-                                      counted as in the metrics, from 1)
-    debug.nan_params_in_checkpoints   silent bit-rot: the parameters saved at each listed step are NaN (the
-                                      checkpoint restores cleanly and then reproduces the fault)
+    nan_at_steps                a NaN loss (and gradient) the first time each listed step runs (steps counted as
+                                in the metrics, from 1)
+    nan_params_in_checkpoints   silent bit-rot: the parameters saved at each listed step are NaN (the checkpoint
+                                restores cleanly and then reproduces the fault)
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from llama_jax.train import loop
+from llama_jax.train import stage_run
 from llama_jax.train import step as step_lib
 
 
-class FaultyStageRun(loop.StageRun):
+class FaultyStageRun(stage_run.StageRun):
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, nan_at_steps=(), nan_params_in_checkpoints=(), **kwargs):
         super().__init__(*args, **kwargs)
-        self._nan_steps = {int(s) for s in self.c.debug.nan_at_steps}
-        self._nan_checkpoints = {int(s) for s in self.c.debug.get("nan_params_in_checkpoints", [])}
+        self._nan_steps = {int(s) for s in nan_at_steps}
+        self._nan_checkpoints = {int(s) for s in nan_params_in_checkpoints}
         self._injected: set[int] = set()
 
     def _nan_loss(self, params, batch):
@@ -40,3 +42,9 @@ class FaultyStageRun(loop.StageRun):
             self._nan_checkpoints.discard(step)  # once: a rollback may save this step again, cleanly
             state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
         return super().save(step, state, info, force)
+
+
+def faulty(nan_at_steps=(), nan_params_in_checkpoints=()):
+    """A `stage_run` for `run_experiment` that injects the listed faults."""
+    return functools.partial(FaultyStageRun, nan_at_steps=nan_at_steps,
+                             nan_params_in_checkpoints=nan_params_in_checkpoints)

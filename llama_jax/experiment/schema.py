@@ -1,0 +1,334 @@
+"""The experiment schema: `resolve(config, kinds) -> [Stage]`, the typed stages the driver runs.
+
+An experiment (`experiments/NAME.py`, `get_config(arg)`, built from `experiment.builders`) is an ml_collections
+ConfigDict:
+
+    seed, model (preset + overrides), tokenizer, data (sources, mixture weights), mesh, sharding_rules,
+    checkpoint, eval, sample, spike, log_every_steps, init_from,
+    stages: [stage, ...]  run in order; each starts from the previous stage's final parameters.
+
+A stage: name, kind, phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum, loss_chunk
+(positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's choice,
+`train.loss.resolve_chunk`), optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE
+base or a different mixture) and the kind's `options`, parsed once into the kind's typed options
+(`experiment.options`). Phases: [{seq_len, global_batch, until_tokens}]: a new compiled step per shape, each
+step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
+tokens reach `until_tokens` (the last phase runs to the end of the stage). A kind that trains nothing
+(`trains = False`: rejection sampling, averaging) takes no steps or tokens.
+
+`kinds` is the table of stage kinds (`llama_jax.stages.KINDS`, or a test's own): name -> kind object with
+`trains`, `parse_options(stage, raw)`, `check(stage)` (see `llama_jax.train.kind.StageKind`). Nothing here
+imports JAX at module import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import types
+from typing import TYPE_CHECKING, Any, Mapping
+
+import ml_collections
+
+from llama_jax.experiment import options as options_lib
+from llama_jax.model import config as model_config
+
+if TYPE_CHECKING:
+    from llama_jax.train.optim import OptimConfig
+
+STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
+              "data", "options")
+PHASE_KEYS = ("seq_len", "global_batch", "until_tokens")
+# (config path, minimum, what 0 means or None where 0 is not allowed)
+INTERVALS = (
+    ("checkpoint.every_steps", 0, "no periodic checkpoints"),
+    ("checkpoint.keep", 1, None),
+    ("checkpoint.keep_every", 0, "none kept beyond `keep`"),
+    ("eval.every_steps", 0, "no periodic evaluation"),
+    ("eval.batches", 0, "no evaluation"),
+    ("log_every_steps", 0, "no periodic metrics rows"),
+    ("spike.window", 1, None),
+    ("spike.max_bad_steps", 1, None),
+    ("spike.max_rollbacks", 0, "no rollback: fail at the first spike"),
+    ("sample.max_new_tokens", 0, "no samples"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One batch shape of a stage: steps [first_step, next phase's first_step) use global_batch x seq_len."""
+
+    first_step: int
+    seq_len: int
+    global_batch: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A resolved stage: everything the driver needs, typed and validated (see `resolve`).
+
+    `init_source` says where the stage starts when it has no checkpoint of its own: `"previous:<stage>"`,
+    `"init_from:<path>"` or `"scratch"`. `optim.total_steps` is the schedule length (`schedule_steps`, by
+    default the stage's length). `data` is the stage's data config (read-only mapping, the pipeline's keys).
+    `options` is the kind's typed options (a frozen dataclass, `experiment.options`).
+    """
+
+    index: int
+    name: str
+    kind: str
+    model: model_config.ModelConfig
+    optim: OptimConfig
+    data: Mapping[str, Any]
+    phases: tuple[Phase, ...]
+    total_steps: int
+    grad_accum: int
+    loss_chunk: int
+    init_source: str
+    seed: int
+    options: options_lib.StageOptions = options_lib.StageOptions()
+    # the stage whose data stream this one continues (its own index unless option continue_data is set)
+    stream_index: int = -1
+
+    @property
+    def schedule_steps(self) -> int:
+        return self.optim.total_steps
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that runs step `step` (0-based: the step that takes the state from step to step+1)."""
+        return max(i for i, p in enumerate(self.phases) if p.first_step <= step)
+
+    def iterator_seed(self) -> int:
+        """The seed of the stage's one data stream (all its phases share it; a stage that continues the previous
+        stage's stream, option `continue_data`, shares that stream's seed)."""
+        index = self.stream_index if self.stream_index >= 0 else self.index
+        return (self.seed * 1_000_003 + index * 1009) % (2 ** 31)
+
+    @property
+    def previous(self) -> str | None:
+        """The earlier stage this one starts from (`init_source` "previous:<name>"), or None."""
+        origin, _, name = self.init_source.partition(":")
+        return name if origin == "previous" else None
+
+    @property
+    def carry_optimizer(self) -> bool:
+        """Option `carry_optimizer`: start from the previous stage's optimizer state."""
+        return self.options.carry_optimizer and self.previous is not None
+
+    @property
+    def continue_data(self) -> bool:
+        """Option `continue_data`: continue the previous stage's document stream."""
+        return self.options.continue_data and self.previous is not None
+
+
+def stage_steps(st: Any, trains: bool = True) -> tuple[int, list[tuple[int, int, int]]]:
+    """(total steps, [(first_step, seq_len, global_batch) per phase]) of a stage, tokens converted exactly.
+
+    A stage of a kind that trains nothing has 0 steps and its first phase only (the shape it evaluates at)."""
+    _check_keys(st)
+    phases = list(st["phases"])
+    if not phases:
+        raise ValueError(f"stage {st['name']!r} has no phases (seq_len / global_batch)")
+    bounds, step, tokens = [], 0, 0
+    target_steps, target_tokens = int(st.get("steps", 0)), int(st.get("tokens", 0))
+    if not trains:
+        if target_steps or target_tokens:
+            raise ValueError(f"stage {st['name']!r} ({st.get('kind')}) trains nothing: give it no steps or tokens "
+                             f"(got steps={target_steps}, tokens={target_tokens})")
+        if phases[0]["seq_len"] <= 0 or phases[0]["global_batch"] <= 0:
+            raise ValueError(f"stage {st['name']!r} phase 0: seq_len and global_batch must be positive")
+        return 0, [(0, phases[0]["seq_len"], phases[0]["global_batch"])]
+    if (target_steps > 0) == (target_tokens > 0):
+        raise ValueError(f"stage {st['name']!r}: give exactly one of steps={target_steps} / tokens={target_tokens}")
+    for i, ph in enumerate(phases):
+        per_step = ph["seq_len"] * ph["global_batch"]
+        if per_step <= 0:
+            raise ValueError(f"stage {st['name']!r} phase {i}: seq_len and global_batch must be positive")
+        bounds.append((step, ph["seq_len"], ph["global_batch"]))
+        last = i == len(phases) - 1
+        until = None if last else int(ph["until_tokens"])
+        if until is not None and until <= tokens:
+            raise ValueError(f"stage {st['name']!r} phase {i}: until_tokens={until} does not increase")
+        if target_steps:
+            n = target_steps - step if until is None else min(math.ceil((until - tokens) / per_step),
+                                                              target_steps - step)
+        else:
+            end = target_tokens if until is None else min(until, target_tokens)
+            n = max(math.ceil((end - tokens) / per_step), 0)
+        step += n
+        tokens += n * per_step
+        if (target_steps and step >= target_steps) or (target_tokens and tokens >= target_tokens):
+            break
+    return step, bounds
+
+
+def _check_keys(st: Any) -> None:
+    name = st.get("name", "?") if hasattr(st, "get") else "?"
+    unknown = sorted(set(st) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"stage {name!r}: unknown key(s) {unknown}; known: {list(STAGE_KEYS)}")
+    missing = [k for k in ("name", "phases", "optim") if k not in st]
+    if missing:
+        raise ValueError(f"stage {name!r}: missing key(s) {missing}")
+    for i, ph in enumerate(st["phases"]):
+        bad = sorted(set(ph) - set(PHASE_KEYS))
+        if bad:
+            raise ValueError(f"stage {name!r} phase {i}: unknown key(s) {bad}; known: {list(PHASE_KEYS)}")
+
+
+def _get(c: ml_collections.ConfigDict, path: str):
+    node = c
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def check_intervals(c: ml_collections.ConfigDict) -> None:
+    """Every interval / count setting is an integer >= its minimum (see INTERVALS); errors name the key."""
+    for path, minimum, zero in INTERVALS:
+        value = _get(c, path)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            meaning = f" (0 = {zero})" if zero else ""
+            raise ValueError(f"config.{path}={value!r} must be an integer >= {minimum}{meaning}")
+
+
+def _optim_config(st: Any, total_steps: int, trains: bool) -> OptimConfig:
+    from llama_jax.train.optim import OptimConfig  # noqa: PLC0415 - a plain dataclass; its module imports optax
+
+    d = dict(st["optim"])
+    schedule = int(d.pop("schedule_steps", 0) or 0)
+    if schedule < 0:
+        raise ValueError(f"stage {st['name']!r}: optim.schedule_steps={schedule} must be >= 0 (0 = the stage's "
+                         f"length)")
+    try:
+        # A stage shorter than its warm-up keeps the warm-up's schedule length (it ends during the warm-up).
+        length = schedule or max(total_steps, int(d.get("warmup_steps", 0)))
+        cfg = OptimConfig.from_dict(dict(d, total_steps=length))
+    except ValueError as e:
+        raise ValueError(f"stage {st['name']!r}: {e}") from None
+    if cfg.total_steps < cfg.warmup_steps:
+        raise ValueError(f"stage {st['name']!r}: optim.schedule_steps={cfg.total_steps} is shorter than its "
+                         f"warm-up ({cfg.warmup_steps} steps)")
+    if trains and not (cfg.peak_lr > 0 and cfg.warmup_steps >= 0 and 0 <= cfg.final_lr_ratio <= 1
+                       and cfg.weight_decay >= 0 and cfg.clip_norm >= 0):
+        raise ValueError(f"stage {st['name']!r}: optim needs peak_lr > 0, warmup_steps >= 0, final_lr_ratio in "
+                         f"[0, 1], weight_decay >= 0 and clip_norm >= 0; got peak_lr={cfg.peak_lr}, warmup_steps="
+                         f"{cfg.warmup_steps}, final_lr_ratio={cfg.final_lr_ratio}, weight_decay={cfg.weight_decay}, "
+                         f"clip_norm={cfg.clip_norm}")
+    return cfg
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A resolved stage's read-only data config as plain dicts and lists (for the data pipeline)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stage]:
+    """The experiment's stages, typed and validated once; errors name the offending key or stage.
+
+    `kinds`: the table of stage kinds (name -> kind; `llama_jax.stages.KINDS`)."""
+    from llama_jax.train import loss as loss_lib  # noqa: PLC0415 - the platform's loss chunk (asks JAX's backend)
+
+    if not c.stages:
+        raise ValueError("config.stages is empty: an experiment needs at least one stage")
+    for st in c.stages:
+        _check_keys(st)
+    names = [s["name"] for s in c.stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    model_config.get(c.model.preset)
+    check_intervals(c)
+    stages = []
+    for index, st in enumerate(c.stages):
+        st = dict(st)
+        st.setdefault("kind", "pretrain")
+        for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", -1),
+                             ("model_overrides", {}), ("data", {}), ("options", {})):
+            st.setdefault(key, default)
+        if st["kind"] not in kinds:
+            raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {tuple(kinds)}")
+        kind = kinds[st["kind"]]
+        total, bounds = stage_steps(st, kind.trains)
+        model_cfg = resolve_model(c, st)
+        for _, seq_len, _ in bounds:
+            if seq_len > model_cfg.max_seq_len:
+                raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} exceeds the model's max_seq_len "
+                                 f"{model_cfg.max_seq_len}")
+            cp = int(c.mesh.get("context", 1))
+            if cp > 1 and (seq_len < cp or seq_len % (2 * cp)):
+                raise ValueError(f"stage {st['name']!r}: seq_len {seq_len} cannot be split over mesh.context={cp}: "
+                                 f"context parallelism needs a multiple of 2 x context = {2 * cp}")
+        if int(st["grad_accum"]) < 1:
+            raise ValueError(f"stage {st['name']!r}: grad_accum={st['grad_accum']} must be >= 1")
+        if int(st["loss_chunk"]) < -1:
+            raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0 (0: full logits), "
+                             "or -1 for the platform's default")
+        data = c.data.to_dict()
+        unknown_data = sorted(set(st["data"]) - set(data))
+        if unknown_data:
+            raise ValueError(f"stage {st['name']!r}: unknown data key(s) {unknown_data}; known: {sorted(data)}")
+        data.update(dict(st["data"]))
+        if not data.get("sources"):
+            raise ValueError(f"stage {st['name']!r}: no data sources (config.data.sources is empty)")
+        _check_sources(data["sources"])
+        if index > 0:
+            init_source = f"previous:{names[index - 1]}"
+        elif c.init_from:
+            init_source = f"init_from:{c.init_from}"
+        else:
+            init_source = "scratch"
+        options = kind.parse_options(st["name"], dict(st["options"]))
+        if options.start_from:
+            if options.start_from not in names[:index]:
+                raise ValueError(f"stage {st['name']!r}: options.start_from={options.start_from!r} is not an earlier "
+                                 f"stage; earlier stages: {names[:index]}")
+            init_source = f"previous:{options.start_from}"
+        for ref in options_lib.references(options):
+            if ref not in names[:index]:
+                raise ValueError(f"stage {st['name']!r}: its options read stage {ref!r}, which is not an earlier "
+                                 f"stage; earlier stages: {names[:index]}")
+        stage = Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
+                      optim=_optim_config(st, total, kind.trains), data=_freeze(data),
+                      phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
+                      total_steps=total, grad_accum=int(st["grad_accum"]),
+                      loss_chunk=loss_lib.resolve_chunk(int(st["loss_chunk"])),
+                      init_source=init_source, seed=int(c.seed), options=options, stream_index=index)
+        if stage.continue_data:
+            stage = dataclasses.replace(stage, stream_index=stages[names.index(stage.previous)].stream_index)
+        kind.check(stage)
+        stages.append(stage)
+    return stages
+
+
+def _check_sources(sources) -> None:
+    for s in sources:
+        if s.get("kind", "corpus") in ("corpus", "passkey"):  # built in, no files
+            continue
+        path = s.get("path")
+        if not path or not (os.path.exists(path) or glob.glob(path)):
+            raise FileNotFoundError(f"data source {s.get('name')!r}: path {path!r} does not exist")
+
+
+def resolve_model(c: ml_collections.ConfigDict, st: Any = None) -> model_config.ModelConfig:
+    """The ModelConfig of a stage: preset + experiment-wide fields + the stage's overrides."""
+    fields = {k: v for k, v in c.model.to_dict().items() if k != "preset"}
+    if st is not None:
+        fields.update(dict(st["model_overrides"]))
+    return model_config.get(c.model.preset, **fields)

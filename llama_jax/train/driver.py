@@ -1,0 +1,130 @@
+"""The experiment driver: runs an experiment's typed stages in order, shared by every stage kind.
+
+`run_experiment(config, workdir, kinds)` resolves the config once (`experiment.resolve(config, kinds)`), checks it
+against the workdir, builds the mesh, rules and tokenizer, and runs each unfinished stage with a
+`stage_run.StageRun` (the resume order: `train.resume`). A finished stage leaves
+`<workdir>/stages/<name>/DONE.json` and is skipped on restart. A config whose defining keys
+(`workdir.DEFINING_KEYS`) differ from the workdir's `config.json` is refused, naming the keys, unless
+`allow_config_change`; `config.json` is rewritten only when a stage then runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from typing import Mapping
+
+import jax
+import ml_collections
+from absl import logging
+
+from llama_jax import experiment
+from llama_jax import workdir as workdir_lib
+from llama_jax.data import corpus as corpus_lib
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.sharding import mesh as mesh_lib
+from llama_jax.sharding import rules as rules_lib
+from llama_jax.train import kind as kind_lib
+from llama_jax.train import metrics as metrics_lib
+from llama_jax.train.stage_run import Preempted, StageRun
+
+
+def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+    """The run's tokenizer (config.tokenizer, or the embedded default one), also copied to
+    `<workdir>/tokenizer.model` so that the workdir is a self-contained checkpoint for `llama_jax.generate`."""
+    if c.tokenizer:
+        if not os.path.exists(c.tokenizer):
+            raise FileNotFoundError(f"config.tokenizer: {c.tokenizer!r} does not exist")
+        path = c.tokenizer
+    else:
+        cache = workdir_lib.data_cache_dir(workdir, c.data.cache_dir)
+        corpus_lib.default_tokenizer(cache)  # trains and caches it on first use
+        path = os.path.join(corpus_lib.corpus_dir(cache), f"tokenizer-{corpus_lib.DEFAULT_BPE_RANKS}.model")
+    target = workdir_lib.tokenizer_path(workdir)
+    if jax.process_index() == 0 and not os.path.exists(target):
+        shutil.copyfile(path, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    return Tokenizer.from_file(path)
+
+
+class Preemption:
+    """The SIGTERM flag, installed for the whole experiment (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum, frame):  # noqa: ARG002
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+
+def run_experiment(c: ml_collections.ConfigDict, workdir: str, kinds: Mapping[str, kind_lib.StageKind],
+                   allow_config_change: bool = False, start_over: bool = False,
+                   stage_run: type[StageRun] = StageRun) -> dict[str, dict]:
+    """Runs (or resumes) every stage of the experiment `c` in `workdir`. Returns each stage's final metrics.
+
+    kinds: the table of stage kinds (`llama_jax.stages.KINDS`).
+    allow_config_change: resume although the config's defining keys differ from the workdir's config.json
+      (the checkpoints must still have the config's shapes).
+    start_over: when none of a stage's checkpoints restores, move them aside and start the stage again.
+    stage_run: the class that runs a stage (tests substitute one that injects faults).
+    """
+    kind_lib.check_table(kinds)
+    stages = experiment.resolve(c, kinds)
+    by_name = {s.name: s for s in stages}
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} exists and is not a directory")
+    os.makedirs(workdir, exist_ok=True)
+    config_current = _check_workdir_config(c, workdir, allow_config_change)
+    mesh = mesh_lib.make_mesh(c.mesh.to_dict())
+    rules = rules_lib.get_rules(c.sharding_rules)
+    tokenizer = load_tokenizer(c, workdir)
+    logging.info("mesh %s, rules %s, %d devices (%s)", dict(mesh.shape), c.sharding_rules, jax.device_count(),
+                 jax.devices()[0].device_kind)
+    results = {}
+    with metrics_lib.MetricWriter(workdir) as writer, Preemption() as preemption:
+        for stage in stages:
+            done = workdir_lib.read_done(workdir, stage.name)
+            if done is not None:
+                logging.info("stage %r already finished; skipping", stage.name)
+                results[stage.name] = done
+                continue
+            if not config_current and jax.process_index() == 0:
+                workdir_lib.write_config(workdir, c)
+                config_current = True
+            run = stage_run(c, stage, workdir, mesh, rules, tokenizer, writer, preemption, kinds[stage.kind],
+                            previous=by_name.get(stage.previous), start_over=start_over)
+            results[stage.name] = run.run()
+    return results
+
+
+def _check_workdir_config(c, workdir: str, allow_config_change: bool) -> bool:
+    """Refuses a config whose defining keys differ from the workdir's; True when config.json matches `c`."""
+    if not os.path.exists(workdir_lib.config_path(workdir)):
+        return False
+    try:
+        stored = workdir_lib.read_config(workdir)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"workdir {workdir!r}: {workdir_lib.CONFIG} is unreadable ({e})") from None
+    differences = workdir_lib.config_differences(stored, c)
+    if differences and not allow_config_change:
+        shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
+        raise ValueError(f"the config differs from the one workdir {workdir!r} was trained with: {shown}. Use a "
+                         "new workdir, or pass --allow_config_change to resume with it")
+    return not differences and stored.to_json_best_effort(sort_keys=True) == c.to_json_best_effort(sort_keys=True)
+
+
+__all__ = ["Preempted", "Preemption", "load_tokenizer", "run_experiment"]
