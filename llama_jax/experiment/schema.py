@@ -9,7 +9,7 @@ ConfigDict:
 
 A stage: name, kind, phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum, loss_chunk
 (positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's choice,
-`train.loss.resolve_chunk`), optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE
+`resolve_chunk`), optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE
 base or a different mixture) and the kind's `options`, parsed once into the kind's typed options
 (`experiment.options`). Phases: [{seq_len, global_batch, until_tokens}]: a new compiled step per shape, each
 step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
@@ -28,15 +28,12 @@ import glob
 import math
 import os
 import types
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 
 from llama_jax.experiment import options as options_lib
 from llama_jax.model import config as model_config
-
-if TYPE_CHECKING:
-    from llama_jax.train.optim import OptimConfig
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
               "data", "options")
@@ -54,6 +51,48 @@ INTERVALS = (
     ("spike.max_rollbacks", 0, "no rollback: fail at the first spike"),
     ("sample.max_new_tokens", 0, "no samples"),
 )
+
+
+# Optimizer settings of a stage (the engine's `train.optim` builds AdamW and the schedule from them).
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    peak_lr: float = 3e-4
+    warmup_steps: int = 2000
+    total_steps: int = 100_000  # steps of the schedule (warm-up included)
+    decay: str = "cosine"  # cosine | linear | constant
+    final_lr_ratio: float = 0.1  # floor = final_lr_ratio * peak_lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
+    init_lr: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d) -> "OptimConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+# Positions per chunk when a stage leaves `loss_chunk` at -1, by platform. The fused loss is faster and leaner than
+# full logits on CPU (benchmarks/README.md, "Train throughput": 1.50x at chunk 128) and on an H200 (the "GPU"
+# section: 1.06x and 0.82x peak memory at chunk 512 for Llama 3.2 1B). TPUs keep full logits until measured there;
+# the paper-scale experiments set their own chunk.
+DEFAULT_CHUNK = {"cpu": 128, "gpu": 512}
+
+
+def resolve_chunk(loss_chunk: int, platform: str | None = None) -> int:
+    """A stage's `loss_chunk` made concrete: -1 means `DEFAULT_CHUNK` for `platform` (default: JAX's backend),
+    0 full logits; a positive value is returned as it is."""
+    if loss_chunk != -1:
+        return int(loss_chunk)
+    if platform is None:
+        import jax  # noqa: PLC0415 - the backend of this process; only asked when a stage leaves the chunk to it
+        platform = jax.default_backend()
+    return DEFAULT_CHUNK.get(platform, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +237,6 @@ def check_intervals(c: ml_collections.ConfigDict) -> None:
 
 
 def _optim_config(st: Any, total_steps: int, trains: bool) -> OptimConfig:
-    from llama_jax.train.optim import OptimConfig  # noqa: PLC0415 - a plain dataclass; its module imports optax
-
     d = dict(st["optim"])
     schedule = int(d.pop("schedule_steps", 0) or 0)
     if schedule < 0:
@@ -244,8 +281,6 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
     """The experiment's stages, typed and validated once; errors name the offending key or stage.
 
     `kinds`: the table of stage kinds (name -> kind; `llama_jax.stages.KINDS`)."""
-    from llama_jax.train import loss as loss_lib  # noqa: PLC0415 - the platform's loss chunk (asks JAX's backend)
-
     if not c.stages:
         raise ValueError("config.stages is empty: an experiment needs at least one stage")
     for st in c.stages:
@@ -308,7 +343,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
                       optim=_optim_config(st, total, kind.trains), data=_freeze(data),
                       phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                       total_steps=total, grad_accum=int(st["grad_accum"]),
-                      loss_chunk=loss_lib.resolve_chunk(int(st["loss_chunk"])),
+                      loss_chunk=resolve_chunk(int(st["loss_chunk"])),
                       init_source=init_source, seed=int(c.seed), options=options, stream_index=index)
         if stage.continue_data:
             stage = dataclasses.replace(stage, stream_index=stages[names.index(stage.previous)].stream_index)

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llama_jax.experiment import schema
+
 
 def cross_entropy_sum(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
     """Returns (sum of masked token NLLs, number of masked tokens), both float32 scalars."""
@@ -40,19 +42,9 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------- chunked (fused) loss
 
-# Positions per chunk when a stage leaves `loss_chunk` at -1, by platform. The fused loss is faster and leaner than
-# full logits on CPU (benchmarks/README.md, "Train throughput": 1.50x at chunk 128) and on an H200 (the "GPU"
-# section: 1.06x and 0.82x peak memory at chunk 512 for Llama 3.2 1B). TPUs keep full logits until measured there;
-# the paper-scale experiments set their own chunk.
-DEFAULT_CHUNK = {"cpu": 128, "gpu": 512}
-
-
-def resolve_chunk(loss_chunk: int, platform: str | None = None) -> int:
-    """A stage's `loss_chunk` made concrete: -1 means `DEFAULT_CHUNK` for `platform` (default: JAX's backend),
-    0 full logits; a positive value is returned as it is."""
-    if loss_chunk != -1:
-        return int(loss_chunk)
-    return DEFAULT_CHUNK.get(platform or jax.default_backend(), 0)
+# A stage's `loss_chunk` of -1 means the platform's choice: the rule is the config layer's
+# (`experiment.schema.resolve_chunk`), applied when the experiment is resolved.
+resolve_chunk = schema.resolve_chunk
 
 
 def chunked_cross_entropy_sum(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,

@@ -10,33 +10,11 @@ so `weight_decay=0.1` is exactly that setting, "weight decay = 0.1 × the curren
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import optax
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    peak_lr: float = 3e-4
-    warmup_steps: int = 2000
-    total_steps: int = 100_000  # steps of the schedule (warm-up included)
-    decay: str = "cosine"  # cosine | linear | constant
-    final_lr_ratio: float = 0.1  # floor = final_lr_ratio * peak_lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
-    init_lr: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-
-    @classmethod
-    def from_dict(cls, d) -> "OptimConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown optimizer setting(s) {sorted(unknown)}")
-        return cls(**d)
+from llama_jax.experiment.schema import OptimConfig  # the settings; typed with the stage
 
 
 def make_schedule(c: OptimConfig) -> optax.Schedule:
