@@ -42,11 +42,15 @@ def main(pipeline_args):
     try:
         from llama_jax.data import curation  # noqa: PLC0415
         from llama_jax.data.curation import pipeline  # noqa: F401, PLC0415
+        from llama_jax.data.curation import stats as curation_stats  # noqa: PLC0415
     finally:
         root.setLevel(level)
 
     stats = curation.run(_INPUT.value, _OUTPUT.value, _CONFIG.value, stages=_STAGES.value,
                          pipeline_args=pipeline_args, overwrite=_OVERWRITE.value)
+    warning = curation_stats.bad_input_warning(stats)
+    if warning:
+        print(f"llama_jax: warning: {warning}", file=sys.stderr)
     print(f"curate: {stats['input']['docs']} documents in, {stats['output']['docs']} out "
           f"({stats['output']['tokens']} {stats['token_unit']}) -> {_OUTPUT.value}")
 

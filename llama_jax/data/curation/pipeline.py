@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -108,6 +107,11 @@ def run(input_pattern: str, output_dir: str, cfg=None, stages: str | Sequence[st
         pipeline_args: Sequence[str] = (), overwrite: bool = False) -> dict:
     """Runs the curation pipeline and returns the stats written to ``output_dir/stats.json``.
 
+    Bad input records are skipped and counted (``bad_input``, ``bad_input_first``; the CLI warns in one line). An
+    input without any valid record raises ``ValueError`` naming it, the counts and the first bad record; an output
+    that cannot be written raises ``NotADirectoryError`` / ``PermissionError`` naming it before any work. A run
+    that raises writes nothing (no output, no staging directory, no parent folder it made).
+
     ``cfg``: the curation config (default :func:`config.get_config`); ``stages``: overrides ``cfg.stages``;
     ``pipeline_args``: Beam pipeline options (``--runner``, ``--direct_num_workers``, ...).
     """
@@ -122,28 +126,31 @@ def run(input_pattern: str, output_dir: str, cfg=None, stages: str | Sequence[st
         raise FileNotFoundError(f"curate: tokenizer file not found: {cfg.tokenizer}")
     stage_transforms = make_stages(cfg, stage_names)
     options = _pipeline_options(pipeline_args)
-    staging = writing.make_staging(output_dir)
+    staging = writing.Staging.create(output_dir)
     try:
         start = time.time()
         pipeline = beam.Pipeline(options=options)
-        build(pipeline, files, staging, cfg, stage_transforms)
+        build(pipeline, files, staging.path, cfg, stage_transforms)
         result = pipeline.run()
         state = result.wait_until_finish()
         if state not in (None, beam.runners.runner.PipelineState.DONE):
             raise RuntimeError(f"curate: pipeline ended in state {state}")
         elapsed = time.time() - start
-        events_path = os.path.join(staging, writing.EVENTS_FILE)
+        events_path = os.path.join(staging.path, writing.EVENTS_FILE)
         with open(events_path, encoding="utf-8") as f:
             acc = json.load(f)
         os.remove(events_path)
         result_stats = stats.build(acc, stage_names, TokenCounter(cfg.tokenizer).unit, _plain(cfg))
         result_stats["input"]["pattern"] = input_pattern
         result_stats["seconds"] = round(elapsed, 3)
-        stats.plot(result_stats, os.path.join(staging, "stats.png"))
-        stats.write_json(result_stats, os.path.join(staging, "stats.json"))
-        writing.publish(staging, output_dir)
+        error = stats.no_valid_record(result_stats)
+        if error:
+            raise ValueError(error)
+        stats.plot(result_stats, os.path.join(staging.path, "stats.png"))
+        stats.write_json(result_stats, os.path.join(staging.path, "stats.json"))
+        staging.publish()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.discard()
         raise
     return result_stats
 

@@ -2,7 +2,8 @@
 
 Records (one JSON object per input line): ``text`` or ``html`` (extracted by the ``extract`` stage), optional
 ``url``, ``id``, ``date`` (ISO 8601). Bad input (malformed JSON, a record without text, undecodable bytes, an
-empty file) is counted per reason in ``stats.json`` and skipped.
+empty file) is counted per reason in ``stats.json`` (with the first bad record, ``bad_input_first``) and skipped;
+an input without any valid record is an error (:func:`llama_jax.data.curation.stats.no_valid_record`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from llama_jax.data.curation.records import PASSTHROUGH_FIELDS, REMOVED, TokenCo
 
 def match_files(pattern: str) -> list[str]:
     """The files matching ``pattern`` (any Beam filesystem), sorted; an error if there are none."""
+    if "://" not in pattern and not os.path.dirname(pattern):  # Beam's local glob matches nothing for "*.jsonl"
+        pattern = os.path.join(".", pattern)
     try:
         metadata = FileSystems.match([pattern])[0].metadata_list
     except Exception as e:  # Beam raises BeamIOError for a pattern that matches nothing
@@ -29,6 +32,11 @@ def match_files(pattern: str) -> list[str]:
     return files
 
 
+def _quote(line: str, chars: int = 60) -> str:
+    """The start of an input line, quoted on one line (control characters escaped)."""
+    return repr(line[:chars]) + ("..." if len(line) > chars else "")
+
+
 class ReadJsonl(beam.DoFn):
     """``(file index, path)`` -> records; bad lines go to the ``removed`` output as ``input/<reason>``."""
 
@@ -37,8 +45,12 @@ class ReadJsonl(beam.DoFn):
         self.counter = counter
         self.chars = chars
 
-    def _bad(self, reason: str, key: str, snippet: str):
-        return beam.pvalue.TaggedOutput(REMOVED, ("removed", "input", reason, 1, 0, (key, snippet[: self.chars])))
+    def _bad(self, reason: str, key: str, where: str, example: str, what: str):
+        """The events of one bad record: counted with ``where: example`` as its example in ``stats.json``;
+        ``where: what`` is the one line a run reports if this is the input's first bad record."""
+        snippet = f"{where}: {example}" if example else where
+        yield beam.pvalue.TaggedOutput(REMOVED, ("removed", "input", reason, 1, 0, (key, snippet[: self.chars])))
+        yield beam.pvalue.TaggedOutput(REMOVED, ("first_bad", key, f"{where}: {what}"))
 
     def process(self, element):
         index, path = element
@@ -47,25 +59,26 @@ class ReadJsonl(beam.DoFn):
         yield beam.pvalue.TaggedOutput(REMOVED, ("input", "files", 1))
         yield beam.pvalue.TaggedOutput(REMOVED, ("input", "bytes", len(data)))
         if not data.strip():
-            yield self._bad("empty_file", f"{index:06d}", path)
+            yield from self._bad("empty_file", f"{index:06d}", path, "", "empty file")
             return
         for lineno, raw in enumerate(data.split(b"\n"), 1):
             if not raw.strip():
                 continue
-            key = f"{index:06d}:{lineno:09d}"
+            key, where = f"{index:06d}:{lineno:09d}", f"{path}:{lineno}"
             yield beam.pvalue.TaggedOutput(REMOVED, ("input", "lines", 1))
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield self._bad("undecodable", key, f"{path}:{lineno}: {e}")
+                yield from self._bad("undecodable", key, where, str(e), f"not UTF-8 ({e})")
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                yield self._bad("malformed_json", key, f"{path}:{lineno}: {line}")
+                yield from self._bad("malformed_json", key, where, line, f"invalid JSON: {_quote(line)}")
                 continue
             if not isinstance(obj, dict):
-                yield self._bad("malformed_json", key, f"{path}:{lineno}: not an object: {line}")
+                yield from self._bad("malformed_json", key, where, f"not an object: {line}",
+                                     f"not a JSON object: {_quote(line)}")
                 continue
             text, html = obj.get("text"), obj.get("html")
             record: dict[str, Any] = {"key": key}
@@ -74,7 +87,7 @@ class ReadJsonl(beam.DoFn):
             elif self.extract_enabled and isinstance(html, str) and html.strip():
                 record["html"] = html
             else:
-                yield self._bad("no_text", key, f"{path}:{lineno}: {line}")
+                yield from self._bad("no_text", key, where, line, f"without text: {_quote(line)}")
                 continue
             for field in PASSTHROUGH_FIELDS:
                 if obj.get(field) is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import apache_beam as beam
 
 BAD_INPUT_REASONS = ("malformed_json", "no_text", "undecodable", "empty_file")
+_BAD_INPUT_LABELS = {"malformed_json": "invalid JSON", "no_text": "without text", "undecodable": "not UTF-8"}
 
 
 class StatsCombineFn(beam.CombineFn):
@@ -18,14 +19,15 @@ class StatsCombineFn(beam.CombineFn):
 
     Events: ``("count", point, docs, tokens)`` documents and tokens after a point (``"input"``, a stage name,
     ``"output"``); ``("removed", stage, reason, docs, tokens, example)`` with ``example = (key, text)``;
-    ``("input", field, n)`` input-file totals; ``("shard", name, docs, bytes)``.
+    ``("input", field, n)`` input-file totals; ``("shard", name, docs, bytes)``; ``("first_bad", key, text)`` a bad
+    input record described in one line (the one with the smallest key is kept).
     """
 
     def __init__(self, examples_per_reason: int):
         self.examples_per_reason = examples_per_reason
 
     def create_accumulator(self):
-        return {"count": {}, "removed": {}, "input": {}, "shards": {}}
+        return {"count": {}, "removed": {}, "input": {}, "shards": {}, "first_bad": None}
 
     def _add(self, acc, event):
         kind = event[0]
@@ -45,6 +47,10 @@ class StatsCombineFn(beam.CombineFn):
         elif kind == "shard":
             _, name, docs, nbytes = event
             acc["shards"][name] = (docs, nbytes)
+        elif kind == "first_bad":
+            _, key, text = event
+            if acc["first_bad"] is None or key < acc["first_bad"][0]:
+                acc["first_bad"] = (key, text)
         return acc
 
     def add_input(self, acc, event):
@@ -64,6 +70,8 @@ class StatsCombineFn(beam.CombineFn):
             for field, n in acc["input"].items():
                 self._add(out, ("input", field, n))
             out["shards"].update(acc["shards"])
+            if acc["first_bad"] is not None:
+                self._add(out, ("first_bad", *acc["first_bad"]))
         return out
 
     def extract_output(self, acc):
@@ -98,10 +106,50 @@ def build(acc: Mapping[str, Any], stages: Sequence[str], token_unit: str, config
                   "tokens": counts.get("input", (0, 0))[1]},
         "bad_input": bad,
         "bad_input_examples": {k: [{"key": e[0], "text": e[1]} for e in v] for k, v in sorted(bad_examples.items())},
+        "bad_input_first": acc["first_bad"][1] if acc.get("first_bad") else None,
         "stages": rows,
         "output": {"docs": sum(s["docs"] for s in shards), "tokens": prev[1], "shards": shards},
         "config": dict(config),
     }
+
+
+def _bad_input_counts(stats: Mapping[str, Any]) -> str:
+    """``"3 malformed records (2 invalid JSON, 1 not UTF-8) and 1 empty file"``; ``""`` when the input was clean."""
+    bad = stats["bad_input"]
+    records = {reason: n for reason, n in bad.items() if n and reason != "empty_file"}
+    parts = []
+    if records:
+        total = sum(records.values())
+        kinds = ", ".join(f"{n} {_BAD_INPUT_LABELS.get(reason, reason)}" for reason, n in records.items())
+        parts.append(f"{total} malformed record{'s' if total > 1 else ''} ({kinds})")
+    if bad.get("empty_file"):
+        parts.append(f"{bad['empty_file']} empty file{'s' if bad['empty_file'] > 1 else ''}")
+    return " and ".join(parts)
+
+
+def _input_and_first(stats: Mapping[str, Any]) -> tuple[str, str]:
+    files = stats["input"].get("files", 0)
+    name = f"input {stats['input'].get('pattern', '')!r}" + (f" ({files} files)" if files > 1 else "")
+    first = stats.get("bad_input_first")
+    return name, f"; first: {first}" if first else ""
+
+
+def no_valid_record(stats: Mapping[str, Any]) -> str | None:
+    """The error of a run whose input held no valid record (one line: the input, the counts, the first bad
+    record), or None when at least one record was read."""
+    if stats["input"]["docs"]:
+        return None
+    name, first = _input_and_first(stats)
+    return f"curate: no valid record in {name}: {_bad_input_counts(stats) or 'no records'}{first}"
+
+
+def bad_input_warning(stats: Mapping[str, Any]) -> str | None:
+    """One line saying how many bad input records a successful run skipped and which was first, or None."""
+    counts = _bad_input_counts(stats)
+    if not counts:
+        return None
+    name, first = _input_and_first(stats)
+    return f"curate: skipped {counts} in {name}{first}"
 
 
 def write_json(stats: Mapping[str, Any], path: str) -> None:

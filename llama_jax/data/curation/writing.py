@@ -8,6 +8,7 @@ succeeded and the stats are written; a failed run removes its staging directory 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -69,28 +70,68 @@ class WriteEvents(beam.DoFn):
 
 
 def check_output(output_dir: str, overwrite: bool) -> None:
+    """Refuses an output that holds results (unless ``overwrite``) or that cannot be created: under a file, or
+    where the nearest existing folder is not writable (a read-only filesystem or permissions)."""
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
             raise ValueError(f"curate: output {output_dir!r} exists and is not a directory")
         if os.listdir(output_dir) and not overwrite:
             raise ValueError(f"curate: output directory {output_dir!r} already holds results; pass --overwrite "
                              "to replace them")
+    existing = os.path.dirname(output_dir)  # the staging directory and the rename happen in the parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"curate: cannot write output {output_dir!r}: {existing!r} is a file, not a "
+                                 "directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"curate: cannot write output {output_dir!r}: {existing!r} is not writable")
 
 
-def make_staging(output_dir: str) -> str:
-    """Creates and returns the staging directory beside ``output_dir`` (and any missing parent)."""
-    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-    staging = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(staging)
-    return staging
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """The staging directory beside the output; :meth:`publish` moves it into place, :meth:`discard` removes it
+    and any parent folder :meth:`create` made."""
 
+    path: str
+    output_dir: str
+    created: str | None  # the outermost parent folder create() made, if any
 
-def publish(staging: str, output_dir: str) -> None:
-    """Moves the finished staging directory to ``output_dir`` (replacing what was there)."""
-    old = None
-    if os.path.exists(output_dir):
-        old = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(output_dir, old)
-    os.rename(staging, output_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    @classmethod
+    def create(cls, output_dir: str) -> Staging:
+        parent = os.path.dirname(output_dir)
+        created, existing = None, parent
+        while not os.path.exists(existing):
+            created, existing = existing, os.path.dirname(existing)
+        staging = cls(f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}", output_dir, created)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.makedirs(staging.path)
+        except OSError as e:
+            staging.discard()
+            raise PermissionError(f"curate: cannot write output {output_dir!r}: {e.strerror or e}") from e
+        return staging
+
+    def publish(self) -> None:
+        """Moves the finished staging directory to the output (replacing what was there)."""
+        old = None
+        if os.path.exists(self.output_dir):
+            old = f"{self.output_dir}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.output_dir, old)
+        os.rename(self.path, self.output_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.created is None:
+            return
+        folder = os.path.dirname(self.output_dir)
+        while True:  # the parents this run made, innermost first, while empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return
+            if folder == self.created:
+                return
+            folder = os.path.dirname(folder)
