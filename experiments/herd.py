@@ -4,7 +4,8 @@ SFT -> DPO, with held-out accuracy after every stage.
 Variant `cpu` (`--config=experiments/herd.py:cpu[,key=value,...]`):
     python -m llama_jax.main --config=experiments/herd.py:cpu --workdir=/tmp/llama_herd
 The task (`llama_jax.posttrain.tasks`): "What is a + b?" for operands below 20, generated deterministically
-into `task_dir` when the config is built: 120 SFT dialogs, 120 rejection-sampling prompts and 100 held-out
+when the run starts (config.prepare; loading the config writes nothing) into a folder of `task_dir` named by the
+task's size: 120 SFT dialogs, 120 rejection-sampling prompts and 100 held-out
 prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair (the facts are in the
 pretraining data, as in a web corpus; post-training has to elicit them in the dialog format for prompts it never
 trained on), and a 290-rank BPE tokenizer. The verifier accepts a response whose last integer is a + b.
@@ -44,8 +45,10 @@ def get_config(arg: str | None = None):
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
-    paths = tasks.write_arithmetic(a.task_dir, n_prompts=a.prompts, n_heldout=a.heldout)
+    size = dict(n_prompts=a.prompts, n_heldout=a.heldout)
+    paths = tasks.arithmetic_paths(a.task_dir, **size)
     c = recipe.arithmetic_config(paths, a.dim, a.layers)
+    c.prepare = [tasks.prepare_arithmetic(paths, **size)]
     c.sample.update(dict(prompts=["What is 3 + 4? 3 + 4 ="], max_new_tokens=4))
     c.log_every_steps = 20
     c.stages = [E.stage("pretrain", [E.phase(recipe.ARITHMETIC_SEQ_LEN, 32)], E.optim(a.lr, 20, final_lr_ratio=0.1),

@@ -37,7 +37,6 @@ import os
 import tempfile
 
 from llama_jax import experiment as E
-from llama_jax import workdir as workdir_lib
 from llama_jax.posttrain import recipe, tasks
 
 _CPU_KNOBS = ("init", "init_stage", "rounds", "k", "sft_steps", "dpo_steps", "dim", "layers", "task_dir", "rm")
@@ -45,26 +44,13 @@ _PAPER_KNOBS = ("init", "init_stage", "tokenizer", "sft", "prompts", "preference
 _PAPER = {"8b": ("llama3.1-8b", 1), "70b": ("llama3.1-70b", 8), "405b": ("llama3.1-405b", 8)}
 
 
-def init_checkpoints(init: str, stage: str) -> str:
-    """The checkpoint directory of `init`: a workdir's stage (`last` = its last stage with a checkpoint) or a
-    checkpoint directory as given."""
+def _init(c, init: str, stage: str) -> None:
+    """Sets the pretrained model to post-train: `init` is a workdir (its stage `stage`; `last` = its last stage
+    with a checkpoint) or a stage checkpoint directory; the run checks it when it starts (experiment.resolve)."""
     if not init:
         raise ValueError("experiments/posttrain.py needs init=<a workdir or a stage checkpoint directory>: the "
                          "pretrained model to post-train")
-    if not os.path.isdir(init):
-        raise FileNotFoundError(f"init={init!r} does not exist")
-    if not workdir_lib.is_workdir(init):
-        return init
-    if stage == "last":
-        names = [s["name"] for s in workdir_lib.read_config(init).stages
-                 if os.path.isdir(workdir_lib.checkpoints_dir(init, s["name"]))]
-        if not names:
-            raise FileNotFoundError(f"init={init!r} has no stage checkpoint")
-        stage = names[-1]
-    directory = workdir_lib.checkpoints_dir(init, stage)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"init={init!r} has no checkpoints of stage {stage!r} ({directory})")
-    return directory
+    c.init_from, c.init_stage = init, "" if stage == "last" else stage
 
 
 def get_config(arg: str | None = None):
@@ -74,18 +60,20 @@ def get_config(arg: str | None = None):
                     prompts="", preferences="", size="8b")
     if a.variant == "cpu":
         E.check_knobs(arg, a.variant, _CPU_KNOBS)
-        paths = tasks.write_arithmetic(a.task_dir)
+        paths = tasks.arithmetic_paths(a.task_dir)
         c = recipe.arithmetic_config(paths, a.dim, a.layers)
-        c.init_from = init_checkpoints(a.init, a.init_stage)
+        c.prepare = [tasks.prepare_arithmetic(paths)]
+        _init(c, a.init, a.init_stage)
         c.log_every_steps = 20
         c.stages = recipe.arithmetic_stages(paths, rounds=a.rounds or 1, k=a.k or 16, sft_steps=a.sft_steps,
                                             dpo_steps=a.dpo_steps, reward_model=bool(a.rm))
         return c
     if a.variant == "dpo_sweep":
         E.check_knobs(arg, a.variant, ("init", "init_stage", "k", "dpo_steps", "dim", "layers", "task_dir"))
-        paths = tasks.write_arithmetic(a.task_dir)
+        paths = tasks.arithmetic_paths(a.task_dir)
         c = recipe.arithmetic_config(paths, a.dim, a.layers)
-        c.init_from = init_checkpoints(a.init, a.init_stage if "init_stage=" in (arg or "") else "sft_r1")
+        c.prepare = [tasks.prepare_arithmetic(paths)]
+        _init(c, a.init, a.init_stage if "init_stage=" in (arg or "") else "sft_r1")
         task = dict(eval_prompts=paths["heldout"], verifier=recipe.ARITHMETIC_VERIFIER, eval_max_new_tokens=12)
         seq_len = recipe.ARITHMETIC_SEQ_LEN
         stages = [recipe.rejection_stage("pairs", paths["prompts"], seq_len, 16, k=a.k or 16,
@@ -108,7 +96,7 @@ def get_config(arg: str | None = None):
                 raise ValueError(f"experiments/posttrain.py:paper needs {knob}=PATH")
         preset, tensor = _PAPER[a.size]
         c = E.base_config()
-        c.init_from = init_checkpoints(a.init, a.init_stage)
+        _init(c, a.init, a.init_stage)
         c.tokenizer = a.tokenizer
         c.model.preset = preset
         c.model.dtype = "bfloat16"

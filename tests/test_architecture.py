@@ -148,15 +148,19 @@ def test_the_kind_table_is_the_stage_modules():
     assert {k for k, v in KINDS.items() if not v.trains} == {"rejection_sampling", "average"}
 
 
-def test_loading_an_experiment_config_imports_no_jax():
+def test_loading_an_experiment_config_imports_no_jax_and_writes_nothing(tmp_path):
     code = ("import sys, importlib.util\n"
             "spec = importlib.util.spec_from_file_location('e', sys.argv[1])\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "m.get_config(sys.argv[2])\n"
             "print(sorted(k for k in sys.modules if k == 'jax' or k.startswith(('jax.', 'optax', 'orbax'))))\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     for experiment, variant in (("pretrain", "tiny"), ("pretrain", "llama3.1-405b"), ("long_context", "tiny"),
-                                ("scaling_laws", "cpu")):
+                                ("scaling_laws", "cpu"), ("herd", "cpu"), ("posttrain", f"cpu,init={tmp_path}/run")):
         out = subprocess.run([sys.executable, "-c", code, str(ROOT / "experiments" / f"{experiment}.py"), variant],
-                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             capture_output=True, text=True, cwd=scratch,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == "[]", (experiment, variant, out.stdout)
+        assert list(scratch.iterdir()) == [], (experiment, variant, "wrote", list(scratch.iterdir()))

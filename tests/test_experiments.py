@@ -1,6 +1,7 @@
 """Every experiment variant builds, validates, and carries the paper's numbers."""
 
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -85,11 +86,21 @@ def test_herd_task_size_knobs(tmp_path):
         with open(path) as f:
             return len(f.read().splitlines())
 
-    small = herd.get_config(f"cpu,prompts=32,heldout=64,task_dir={tmp_path / 'small'}")
+    def task_files(config):
+        directory = os.path.dirname(config.data.sources[0]["path"])
+        return os.path.join(directory, "prompts.jsonl"), os.path.join(directory, "heldout.jsonl")
+
+    small = herd.get_config(f"cpu,prompts=32,heldout=64,task_dir={tmp_path}")
+    default = herd.get_config(f"cpu,task_dir={tmp_path}")
+    assert list(tmp_path.iterdir()) == []  # loading a config writes nothing; the run writes the task (prepare)
+    E.prepare(small)
     E.resolve(small, KINDS)
-    assert lines(tmp_path / "small" / "prompts.jsonl") == 32 and lines(tmp_path / "small" / "heldout.jsonl") == 64
-    herd.get_config(f"cpu,task_dir={tmp_path / 'default'}")
-    assert lines(tmp_path / "default" / "prompts.jsonl") == 120 and lines(tmp_path / "default" / "heldout.jsonl") == 100
+    prompts, heldout = task_files(small)
+    assert lines(prompts) == 32 and lines(heldout) == 64
+    E.prepare(default)
+    prompts, heldout = task_files(default)
+    assert lines(prompts) == 120 and lines(heldout) == 100
+    assert [lines(p) for p in task_files(small)] == [32, 64]  # another size never rewrites a task's files
     with pytest.raises(ValueError, match="120 \\+ 240 \\+ 100 problems requested but only 400 distinct pairs"):
         herd.get_config(f"cpu,prompts=240,heldout=100,task_dir={tmp_path / 'big'}")
 
@@ -103,7 +114,9 @@ def _tiny_workdir(path, stage="pretrain"):
 
 def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     task = f"task_dir={tmp_path / 'task'}"
-    herd = E.resolve(_load("herd").get_config(f"cpu,{task}"), KINDS)
+    herd_config = _load("herd").get_config(f"cpu,{task}")
+    E.prepare(herd_config)
+    herd = E.resolve(herd_config, KINDS)
     names = [s.name for s in herd]
     assert names == ["pretrain", "sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
     dpo = {s.name: s for s in herd}["dpo_r1"]
@@ -129,7 +142,7 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     with pytest.raises(ValueError, match="needs init="):
         _load("posttrain").get_config(f"cpu,{task}")
     with pytest.raises(FileNotFoundError, match="no checkpoints of stage 'sft'"):
-        _load("posttrain").get_config(f"cpu,init={run},init_stage=sft,{task}")
+        E.resolve(_load("posttrain").get_config(f"cpu,init={run},init_stage=sft,{task}"), KINDS)
 
 
 def test_posttrain_paper_variant_resolves_with_the_papers_settings(tmp_path):

@@ -8,9 +8,10 @@
 from llama_jax.experiment.builders import (base_config, check_knobs, data_value_probe, given_knobs, optim,
                                            parse_arg, phase, stage)
 from llama_jax.experiment.options import StageOptions, StageRef
-from llama_jax.experiment.schema import (INTERVALS, PHASE_KEYS, STAGE_KEYS, Phase, Stage, check_intervals, resolve,
-                                         resolve_model, stage_steps, thaw)
+from llama_jax.experiment.schema import (INTERVALS, PHASE_KEYS, STAGE_KEYS, OptimConfig, Phase, Stage,
+                                         check_intervals, init_directory, prepare, resolve, resolve_model,
+                                         stage_steps, thaw)
 
-__all__ = ["INTERVALS", "PHASE_KEYS", "STAGE_KEYS", "Phase", "Stage", "StageOptions", "StageRef", "base_config",
-           "check_intervals", "check_knobs", "data_value_probe", "given_knobs", "optim", "parse_arg", "phase",
-           "resolve", "resolve_model", "stage", "stage_steps", "thaw"]
+__all__ = ["INTERVALS", "OptimConfig", "PHASE_KEYS", "STAGE_KEYS", "Phase", "Stage", "StageOptions", "StageRef", "base_config",
+           "check_intervals", "check_knobs", "data_value_probe", "given_knobs", "init_directory", "optim", "parse_arg",
+           "phase", "prepare", "resolve", "resolve_model", "stage", "stage_steps", "thaw"]

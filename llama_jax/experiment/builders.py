@@ -118,7 +118,13 @@ def base_config() -> ml_collections.ConfigDict:
     # seen since then.
     c.spike = ml_collections.ConfigDict(dict(max_bad_steps=3, window=50, spike_factor=0.0, max_rollbacks=5))
     c.log_every_steps = 10
-    c.init_from = ""  # another run's stage checkpoint directory: params only, for the first stage
+    # The first stage's starting parameters (params only): another run's stage checkpoint directory, or a workdir
+    # with init_stage = the stage whose checkpoints to take ("" = its last stage with a checkpoint).
+    c.init_from = ""
+    c.init_stage = ""
+    # Files the run generates before it starts (a task's data), so that loading a config writes nothing: a list of
+    # {call: "package.module:function", kwargs: {...}}, each called once when the run starts (experiment.prepare).
+    c.prepare = []
     # Testing aids: log a CRC of every batch; stop a stage early after max_steps without changing its schedule.
     c.debug = ml_collections.ConfigDict(dict(log_batches=False, max_steps=0))
     c.stages = []

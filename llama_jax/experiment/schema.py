@@ -326,7 +326,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         if index > 0:
             init_source = f"previous:{names[index - 1]}"
         elif c.init_from:
-            init_source = f"init_from:{c.init_from}"
+            init_source = f"init_from:{init_directory(c.init_from, c.get('init_stage', ''))}"
         else:
             init_source = "scratch"
         options = kind.parse_options(st["name"], dict(st["options"]))
@@ -350,6 +350,45 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         kind.check(stage)
         stages.append(stage)
     return stages
+
+
+def init_directory(init_from: str, init_stage: str = "") -> str:
+    """The checkpoint directory `config.init_from` names: a stage checkpoint directory as it is, or, for another
+    run's workdir, the checkpoints of its stage `init_stage` ("" = its last stage with a checkpoint; init_stage
+    applies to a workdir only); errors name what is missing."""
+    from llama_jax import workdir as workdir_lib  # noqa: PLC0415 - paths only
+
+    if not os.path.isdir(init_from):
+        raise FileNotFoundError(f"config.init_from={init_from!r} does not exist")
+    if not workdir_lib.is_workdir(init_from):  # a checkpoint directory: init_stage has nothing to choose from
+        return init_from
+    stage = init_stage
+    if not stage:
+        names = [s["name"] for s in workdir_lib.read_config(init_from).stages
+                 if os.path.isdir(workdir_lib.checkpoints_dir(init_from, s["name"]))]
+        if not names:
+            raise FileNotFoundError(f"config.init_from={init_from!r} has no stage checkpoint")
+        stage = names[-1]
+    directory = workdir_lib.checkpoints_dir(init_from, stage)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"config.init_from={init_from!r} has no checkpoints of stage {stage!r} ({directory})")
+    return directory
+
+
+def prepare(c: ml_collections.ConfigDict) -> None:
+    """Writes the files the run generates before it starts (`config.prepare`); each call must be idempotent (the
+    driver calls this at every start, before `resolve`, which then finds the files)."""
+    import importlib  # noqa: PLC0415
+
+    for i, item in enumerate(c.get("prepare", [])):
+        call = str(item.get("call", ""))
+        module, _, name = call.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            raise ValueError(f"config.prepare[{i}].call={call!r} is not an importable 'package.module:function'") \
+                from None
+        fn(**dict(item.get("kwargs", {})))
 
 
 def _check_sources(sources) -> None:

@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -175,12 +176,19 @@ def read_jsonl(path: str, kind: str, strict: bool = False) -> tuple[list[dict], 
 
 def write_jsonl(path: str, records: Sequence[Mapping]) -> None:
     """Writes records atomically (a temporary file renamed into place)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's file is private; the data is not
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------------------------- tokenizing

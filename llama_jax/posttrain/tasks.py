@@ -1,6 +1,8 @@
 """A program-verifiable task the project generates: small-integer addition in the Llama 3 dialog format.
 
-`write_arithmetic(directory, ...)` writes (atomically, deterministically from its seed):
+`write_arithmetic(directory, ...)` writes (atomically, deterministically from its seed; an experiment config names
+the files with `arithmetic_paths` and lets the run write them, `prepare_arithmetic`, so loading a config writes
+nothing):
 
     sft.jsonl        dialogs "What is a + b?" -> "a + b = c" (the SFT seed data)
     prompts.jsonl    prompts with their answers, disjoint from sft.jsonl (rejection sampling's input)
@@ -58,9 +60,24 @@ def score_arithmetic(record, response: str) -> float:
     return 1.0
 
 
+def arithmetic_paths(task_dir: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
+                     n_heldout: int = 100, seed: int = 0) -> dict[str, str]:
+    """Where `write_arithmetic` puts the task of these settings, without touching a file: a folder of its own
+    under `task_dir` named by the settings, so tasks of different sizes never share (or rewrite) files.
+    `paths["directory"]` is that folder. Settings that cannot be met are an error here already."""
+    pairs = max_operand * max_operand
+    if n_sft + n_prompts + n_heldout > pairs:
+        raise ValueError(f"{n_sft} + {n_prompts} + {n_heldout} problems requested but only {pairs} distinct "
+                         f"pairs exist with operands below {max_operand}")
+    directory = os.path.join(task_dir, f"arithmetic-o{max_operand}-s{n_sft}-p{n_prompts}-h{n_heldout}-seed{seed}")
+    paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "prompts", "heldout", "pretrain")}
+    return dict(paths, tokenizer=os.path.join(directory, "tokenizer.model"), directory=directory)
+
+
 def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
                      n_heldout: int = 100, seed: int = 0) -> dict[str, str]:
-    """Writes the task's three files under `directory` (skipped when already written with these settings)."""
+    """Writes the task's files under `directory` (skipped when already written with these settings); every
+    file is written atomically under a name of its own, so concurrent writers of the same task do not collide."""
     pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
     if n_sft + n_prompts + n_heldout > len(pairs):
         raise ValueError(f"{n_sft} + {n_prompts} + {n_heldout} problems requested but only {len(pairs)} distinct "
@@ -92,9 +109,14 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
     # The tokenizer sees every problem with operands below 20 whatever the task's size: same vocabulary always.
     vocab_texts = [f"{question(a, b)} {answer_text(a, b)}" for a in range(20) for b in range(20)]
     train_bpe(vocab_texts + ["user assistant system ipython"], 290, paths["tokenizer"])
-    data_lib.write_jsonl(marker + ".jsonl", [settings])
-    os.replace(marker + ".jsonl", marker)
+    data_lib.write_jsonl(marker, [settings])  # last: the task is complete once its settings are there
     return paths
 
 
-__all__ = ["answer_text", "question", "score_arithmetic", "verify_arithmetic", "write_arithmetic"]
+def prepare_arithmetic(paths: dict[str, str], **settings) -> dict:
+    """The `config.prepare` entry that writes the task of `arithmetic_paths(..., **settings)` when a run starts."""
+    return dict(call="llama_jax.posttrain.tasks:write_arithmetic", kwargs=dict(directory=paths["directory"], **settings))
+
+
+__all__ = ["answer_text", "arithmetic_paths", "prepare_arithmetic", "question", "score_arithmetic",
+           "verify_arithmetic", "write_arithmetic"]

@@ -82,6 +82,7 @@ def run_experiment(c: ml_collections.ConfigDict, workdir: str, kinds: Mapping[st
     stage_run: the class that runs a stage (tests substitute one that injects faults).
     """
     kind_lib.check_table(kinds)
+    experiment.prepare(c)
     stages = experiment.resolve(c, kinds)
     by_name = {s.name: s for s in stages}
     workdir = os.path.abspath(workdir)
