@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import pickle
 import sys
 from typing import Callable
 
@@ -11,10 +12,9 @@ from absl import app, flags, logging
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for configuration and input errors.")
 
-# Errors that mean "the user's input is wrong" (unknown key, missing file, bad shape, a path that is a file or
-# not writable): reported in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+# Errors that mean "the user's input or the machine is wrong" (unknown key, bad shape, a missing file, a path that
+# is a file or not writable, a full disk, a refused pickle): reported in one line.
+USER_ERRORS = (ValueError, KeyError, OSError, pickle.UnpicklingError)
 
 
 class _QuietLibraries(std_logging.Filter):

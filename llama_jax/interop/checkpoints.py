@@ -73,10 +73,7 @@ def save(path: str | os.PathLike, fmt: str, cfg: ModelConfig, params: Params, to
         from llama_jax.interop import gguf  # noqa: PLC0415 - the gguf package, only for this format
         return gguf.save(path, cfg, params, tokenizer=tokenizer, **kwargs)
     if fmt == "llama_jax":
-        native.save(path, cfg, params)
-        if tokenizer is not None:
-            tokenizer.save(os.path.join(os.fspath(path), hf_tokenizer.META_TOKENIZER))
-        return None
+        return native.save(path, cfg, params, tokenizer=tokenizer)
     raise ValueError(f"cannot write format {fmt!r}; writable formats are {WRITABLE}")
 
 
@@ -119,6 +116,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, src_fmt: str | None,
         raise ValueError(f"dtype {dtype!r} is only for --to=gguf; {dst_fmt} takes float32, bfloat16 or float16")
     if weights_only and tokenizer is not None:
         raise ValueError("pass either a tokenizer or weights_only, not both")
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"input checkpoint {os.fspath(src)!r} does not exist")
+    if not os.path.isdir(src):
+        raise NotADirectoryError(f"input checkpoint {os.fspath(src)!r} is a file; give the checkpoint's folder")
     if src_fmt == "workdir":
         _check_workdir(src)
     tok = None if weights_only else find_tokenizer(src, tokenizer, required=dst_fmt in ("hf", "gguf"))

@@ -165,7 +165,8 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: T
     """Writes `path` (a .gguf file) for llama.cpp; see the module docstring for its contents.
 
     Without `tokenizer` the file holds the weights and architecture only (llama.cpp then needs a vocabulary
-    from elsewhere). The file is written to a temporary sibling and renamed into place.
+    from elsewhere). The file is written in a staging folder beside it and renamed into place
+    (`llama_jax.interop.hf.staging`), so an interrupted or failed save (a full disk) leaves nothing behind.
     """
     path = os.path.abspath(os.fspath(path))
     if outtype not in OUT_TYPES:
@@ -179,10 +180,8 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: T
                          f"{cfg.vocab_size}")
     hf._check_params(cfg, params)  # pylint: disable=protected-access
     plan = _tensor_plan(cfg)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        writer = gguf_lib.GGUFWriter(tmp, "llama")
+    with hf.staging(path, file=True) as tmp:
+        writer = gguf_lib.GGUFWriter(os.path.join(tmp, os.path.basename(path)), "llama")
         _add_metadata(writer, cfg, outtype)
         if tokenizer is not None:
             _add_tokenizer(writer, tokenizer, cfg.vocab_size)
@@ -199,8 +198,3 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: T
             data = gguf_lib.quants.quantize(arr, tensor_type(shape, outtype))
             writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -330,13 +330,18 @@ def iter_hf_tensors(cfg: ModelConfig, params: Params, dtype=None) -> Iterator[tu
         yield "lm_head.weight", np.ascontiguousarray(host(params["lm_head"]).T)
 
 
-def _parse_size(size) -> int:
+def parse_size(size) -> int:
+    """Bytes of a shard size such as 5GB, 500MB or 1000000 (an int is taken as is); ValueError unless positive."""
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"shard_size {size!r} is not a byte count like 5GB, 500MB or 1000000")
-    return int(float(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2).upper()])
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"shard_size {size!r} is not a byte count like 5GB, 500MB or 1000000")
+        n = int(float(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"shard_size {size!r} is not positive")
+    return n
 
 
 def _check_params(cfg: ModelConfig, params: Params) -> None:
@@ -357,21 +362,18 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
     and config.json its BOS / stop ids.
 
     `dtype` (e.g. "bfloat16") casts on the way out; default keeps the params' dtype. The folder is assembled
-    in a temporary sibling and renamed into place, so an interrupted save leaves nothing half-written.
+    in a staging sibling and renamed into place (`staging`), so an interrupted or failed save (a full disk)
+    leaves nothing half-written.
     """
     path = os.path.abspath(os.fspath(path))
     _check_params(cfg, params)
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists and is not empty; pass overwrite=True to replace it")
-    limit = _parse_size(shard_size)
+    limit = parse_size(shard_size)
     if tokenizer is not None and tokenizer.n_words > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_words} ids but model {cfg.name!r} has a vocabulary of "
                          f"{cfg.vocab_size}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    remove_stale_staging(path)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + STAGING_SUFFIX, dir=os.path.dirname(path))
-    lock = _lock_staging(tmp)
-    try:
+    with staging(path) as tmp:
         names_per_shard: list[list[str]] = []
         current: dict[str, np.ndarray] = {}
         current_bytes, total, out_dtype = 0, 0, None
@@ -407,18 +409,9 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, shard_size=D
             hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=list(tokenizer.stop_ids))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.remove(os.path.join(tmp, _STAGING_LOCK))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(lock)
 
 
-# A save assembles its folder in `<path>.tmp-XXXX` holding an exclusive flock on `.lock` inside it; the kernel
+# A save assembles its output in `<path>.tmp-XXXX` holding an exclusive flock on `.lock` inside it; the kernel
 # drops the lock when the process dies, so a staging folder whose lock can be taken is left over from an
 # interrupted save (kill -9, power loss) and is removed by the next save to the same path.
 STAGING_SUFFIX = ".tmp-"
@@ -430,6 +423,45 @@ def _lock_staging(tmp: str) -> int:
     fd = os.open(os.path.join(tmp, _STAGING_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
+
+
+@contextlib.contextmanager
+def staging(path: str | os.PathLike, file: bool = False) -> Iterator[str]:
+    """Yields a new staging folder `<path>.tmp-XXXX` beside `path` (first removing what interrupted saves to
+    `path` left) for the caller to write its output into. When the block ends, the folder is renamed to `path`,
+    or with `file` its file `basename(path)` is; an existing `path` is replaced (callers check `overwrite`).
+
+    On any error the staging folder is removed, so nothing half-written is left, and an OSError of the system
+    (a full disk, a quota, an I/O error) is raised again as an OSError that names `path` and says so.
+    """
+    path = os.path.abspath(os.fspath(path))
+    tmp, lock = None, None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        remove_stale_staging(path)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + STAGING_SUFFIX, dir=os.path.dirname(path))
+        lock = _lock_staging(tmp)
+        yield tmp
+        if file:
+            os.replace(os.path.join(tmp, os.path.basename(path)), path)
+            shutil.rmtree(tmp)
+        else:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.remove(os.path.join(tmp, _STAGING_LOCK))
+            os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = e.errno if isinstance(e, OSError) else None
+        if isinstance(e, OSError) and code is None and len(e.args) == 1 and isinstance(e.args[0], int):
+            code = e.args[0]  # OSError(errno.ENOSPC)
+        if code is not None:  # a system error, not one of our own messages (which carry no errno)
+            raise OSError(code, f"could not write {path} ({os.strerror(code)}); nothing was written") from e
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def remove_stale_staging(path: str | os.PathLike) -> list[str]:

@@ -2,8 +2,9 @@
 
     DIR/model_config.json    the ModelConfig fields (RopeScaling as a nested dict)
     DIR/params/              Orbax StandardCheckpointer directory of the params pytree
+    DIR/tokenizer.model      the tokenizer (Meta format), when saved with one
 
-    save(path, cfg, params)
+    save(path, cfg, params, tokenizer=None)
     load(path, cfg=None, dtype=None, shardings=None) -> (cfg, params)
 
 `load` also takes a bare Orbax directory (no model_config.json beside it; pass `cfg`): either a params tree
@@ -23,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax import model
+from llama_jax.interop import hf, hf_tokenizer
 from llama_jax.interop.hf import np_dtype
 from llama_jax.model.config import ModelConfig, RopeScaling
 
@@ -55,21 +57,24 @@ def is_native(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
 
 
-def save(path: str | os.PathLike, cfg: ModelConfig, params: Params) -> None:
-    """Writes `path/params` (Orbax, atomic) and `path/model_config.json`; `path` must not hold a checkpoint."""
+def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer=None) -> None:
+    """Writes the folder `path` (which must not exist or be empty): `params/` (Orbax), `model_config.json` and,
+    with `tokenizer` (a `llama_jax.data.tokenizer.Tokenizer`), `tokenizer.model`. The folder is assembled in a
+    staging sibling and renamed into place (`llama_jax.interop.hf.staging`), so an interrupted or failed save
+    (a full disk) leaves nothing half-written and can simply be run again."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(os.path.join(path, PARAMS_DIR)):
-        raise FileExistsError(f"{os.path.join(path, PARAMS_DIR)!r} already exists")
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path!r} exists and is not an empty folder")
     if "layers" not in params:
         raise ValueError("params must be the scanned tree (layers/block/...)")
-    os.makedirs(path, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), params)
-        ckptr.wait_until_finished()
-    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
-    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+    with hf.staging(path) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckptr.wait_until_finished()
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, hf_tokenizer.META_TOKENIZER))
 
 
 def _abstract_target(cfg: ModelConfig, dtype, shardings):

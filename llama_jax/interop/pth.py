@@ -7,18 +7,26 @@ object whose tensors refer by key to raw storages `<archive>/data/<key>`, plus `
 is read by an unpickler that resolves only the globals a saved tensor needs (`torch._utils._rebuild_tensor_v2`,
 `torch._utils._rebuild_parameter`, the typed storage classes such as `torch.BFloat16Storage`, and
 `collections.OrderedDict`) to local numpy functions; any other global (the way a pickle runs code) is refused
-with `pickle.UnpicklingError`. A tensor becomes a strided numpy view of its storage (bfloat16 through
-`ml_dtypes`), so reading a multi-GB shard costs address space, not memory: pages are read when used.
+with `pickle.UnpicklingError` naming the file. So are the opcodes that change an object already built (BUILD,
+SETITEM(S), APPEND(S), ADDITEMS) unless it is a dict, list or set of the pickle's own: otherwise a file could
+alter a whitelisted global (a storage type's dtype, a function's defaults) for every later load in the process.
+BUILD is accepted on an OrderedDict only, and its state (a `state_dict()`'s `_metadata`) is dropped. The pickle
+is run by pickle's Python implementation, whose opcodes can be checked one by one (a `data.pkl` is small: the
+tensors' bytes are not in it). A malformed pickle is an `UnpicklingError` naming the file too.
+
+A tensor becomes a strided numpy view of its storage (bfloat16 through `ml_dtypes`), so reading a multi-GB
+shard costs address space, not memory: pages are read when used.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import pickle
 import struct
 import zipfile
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import ml_dtypes
 import numpy as np
@@ -31,9 +39,10 @@ _STORAGE_DTYPES = {
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header (30 bytes)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class _StorageType:
-    def __init__(self, name: str):
-        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+    name: str
+    dtype: np.dtype
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
@@ -61,14 +70,31 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+    **{("torch", name): _StorageType(name, np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()},
 }
+_CONTAINERS = (dict, collections.OrderedDict, list, set)  # what a pickle may change: the ones it made
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access - the Python implementation: see above
+    dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+
     def __init__(self, file, storages, where: str):
         super().__init__(file)
         self._storages, self._where = storages, where
+
+    def refuse_change(self, target, opcode: str) -> NoReturn:
+        what = next((f"the global {module}.{name}" for (module, name), v in _ALLOWED.items() if v is target),
+                    f"an object of type {type(target).__name__}")
+        raise pickle.UnpicklingError(f"{self._where}: refusing to change {what} ({opcode} opcode): only tensors, "
+                                     "dicts and lists are read from .pth files (this file is crafted or corrupt)")
+
+    def load_build(self):
+        state, target = self.stack.pop(), self.stack[-1]
+        if type(target) is not collections.OrderedDict:
+            self.refuse_change(target, "BUILD")
+        del state  # an OrderedDict's attributes: a state_dict()'s `_metadata` (module versions), not needed
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         try:
@@ -84,6 +110,25 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{self._where}: unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         return self._storages(str(key), storage_type.dtype, int(numel))
+
+
+def _check_target(opcode: str, target: Callable[[_Unpickler], Any]) -> None:
+    """Makes `opcode` refuse to change anything but one of the pickle's own containers (`target` finds it)."""
+    load = _Unpickler.dispatch[getattr(pickle, opcode)[0]]
+
+    def checked(unpickler: _Unpickler):
+        if type(target(unpickler)) not in _CONTAINERS:
+            unpickler.refuse_change(target(unpickler), opcode)
+        load(unpickler)
+
+    _Unpickler.dispatch[getattr(pickle, opcode)[0]] = checked
+
+
+# After a MARK the opcode's items are on `stack` and the object they go into is on top of the stack below it.
+_check_target("SETITEM", lambda u: u.stack[-3])
+_check_target("APPEND", lambda u: u.stack[-2])
+for _opcode in ("SETITEMS", "APPENDS", "ADDITEMS"):
+    _check_target(_opcode, lambda u: u.metastack[-1][-1])
 
 
 def _data_offset(f, info: zipfile.ZipInfo) -> int:
@@ -126,4 +171,7 @@ def load(path: str | os.PathLike) -> Any:
 
     import io  # noqa: PLC0415
 
-    return _Unpickler(io.BytesIO(pickled), storage, where=path).load()
+    try:
+        return _Unpickler(io.BytesIO(pickled), storage, where=path).load()
+    except (EOFError, IndexError, KeyError, TypeError, AttributeError, ValueError, struct.error) as e:
+        raise pickle.UnpicklingError(f"{path}: malformed pickle in {pkl[0]} ({type(e).__name__}: {e})") from e

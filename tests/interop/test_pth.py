@@ -1,7 +1,10 @@
 """`.pth` files read without torch: equal to torch.load on torch-saved files; pickled code is refused."""
 
+import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import ml_dtypes
@@ -9,6 +12,8 @@ import numpy as np
 import pytest
 
 from llama_jax.interop import pth
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _as_numpy(t):
@@ -92,3 +97,46 @@ def test_storage_bounds_are_checked(tmp_path):
             z.writestr(n, data)
     with pytest.raises(pickle.UnpicklingError, match="shorter than|past"):
         pth.load(tmp_path / "bad.pth")
+
+
+# GLOBAL torch.FloatStorage, then BUILD with the state {"dtype": "object"}: it would set the shared storage type's
+# dtype for every later load in the process.
+_BUILD_ON_A_GLOBAL = (b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x06\x00\x00\x00objects"
+                      b"b.")
+
+
+def test_opcodes_that_change_a_whitelisted_global_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.pth")
+    _zip_with_pickle(tmp_path / "build.pth", _BUILD_ON_A_GLOBAL)
+    with pytest.raises(pickle.UnpicklingError, match=r"build\.pth: refusing to change the global "
+                                                     r"torch\.FloatStorage \(BUILD opcode\)"):
+        pth.load(tmp_path / "build.pth")
+    # SETITEM into the OrderedDict class itself.
+    _zip_with_pickle(tmp_path / "setitem.pth", b"\x80\x02ccollections\nOrderedDict\nX\x01\x00\x00\x00aK\x01s.")
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to change the global collections\.OrderedDict "
+                                                     r"\(SETITEM opcode\)"):
+        pth.load(tmp_path / "setitem.pth")
+    np.testing.assert_array_equal(pth.load(tmp_path / "ok.pth")["w"], np.arange(4.0, dtype=np.float32))
+    # A state_dict() (an OrderedDict with `_metadata`, set by BUILD) still loads.
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "module.pth")
+    assert list(pth.load(tmp_path / "module.pth")) == ["weight", "bias"]
+    # A truncated pickle names the file.
+    _zip_with_pickle(tmp_path / "cut.pth", _BUILD_ON_A_GLOBAL[:30])
+    with pytest.raises(pickle.UnpicklingError, match=r"cut\.pth: malformed pickle"):
+        pth.load(tmp_path / "cut.pth")
+
+
+def test_convert_reports_a_refused_shard_in_one_line(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    _zip_with_pickle(tmp_path / "meta" / "consolidated.00.pth", _BUILD_ON_A_GLOBAL)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "llama_jax.convert", "--from=meta", "--to=llama_jax", "--input=meta",
+                           "--output=out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llama_jax: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("llama_jax: error: meta/consolidated.00.pth: refusing to change the global "
+                                "torch.FloatStorage (BUILD opcode)"), errors[0]
+    assert sorted(os.listdir(tmp_path)) == ["meta"]
