@@ -13,7 +13,7 @@ import os
 from absl import flags
 
 from llama_jax import cli
-from llama_jax.interop import checkpoints
+from llama_jax.interop import checkpoints, hf
 
 _FROM = flags.DEFINE_enum("from", None, list(checkpoints.FORMATS), "Input checkpoint format.")
 _TO = flags.DEFINE_enum("to", None, list(checkpoints.WRITABLE), "Output checkpoint format.")
@@ -27,6 +27,18 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer to export (tokeni
                                  "default: the one in --input.")
 _WEIGHTS_ONLY = flags.DEFINE_bool("weights_only", False, "Export without a tokenizer.")
 flags.mark_flags_as_required(["from", "to", "input", "output"])
+cli.nonempty(_INPUT, _OUTPUT, _TOKENIZER)
+
+
+def _positive_size(size: str) -> bool:
+    try:
+        hf.parse_size(size)
+    except ValueError:
+        return False
+    return True
+
+
+cli.validate(_SHARD_SIZE, _positive_size, "a positive byte count such as 5GB, 500MB or 1000000")
 
 
 def main():

@@ -28,6 +28,10 @@ _SPECIAL = flags.DEFINE_enum("special_tokens", "error", list(text.SPECIAL_TOKEN_
                              "What special-token text (e.g. <|eot_id|>) in a plain prompt becomes: an error, plain "
                              "text, or the special token.")
 flags.mark_flags_as_required(["checkpoint", "prompt"])
+cli.nonempty(_CHECKPOINT, _TOKENIZER)
+cli.validate(_TEMPERATURE, lambda t: t >= 0, ">= 0 (0 = greedy)")
+cli.validate(_TOP_P, lambda p: 0 < p <= 1, "in (0, 1]")
+cli.validate(_TOP_K, lambda k: k >= 0, ">= 0 (0 = all tokens)")
 
 
 def main():

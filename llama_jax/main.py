@@ -21,6 +21,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume a
 _START_OVER = flags.DEFINE_bool("start_over", False, "When none of a stage's checkpoints restores, move them aside "
                                 "and train the stage again (otherwise the run stops and names them).")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.nonempty(_WORKDIR)
 
 
 def main():

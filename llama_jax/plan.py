@@ -14,6 +14,7 @@ CPU backend, the one compiled). --json prints one JSON object with `planned_byte
 
 import dataclasses
 import json
+import math
 import time
 
 from absl import flags
@@ -36,11 +37,13 @@ _PEAK = flags.DEFINE_float("peak_flops", 989e12, "Peak dense FLOP/s per device f
 _PLATFORM = flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu", "cpu"], "Platform that resolves attention='auto' "
                               "(cpu with --compile).")
 flags.mark_flags_as_required(["config"])
+cli.validate(_DEVICES, lambda n: n >= 0, ">= 0 (0 = the devices JAX sees here)")
+cli.validate(_GRAD_ACCUM, lambda n: n >= 0, ">= 0 (0 = the stage's)")
+cli.validate(_MFU, lambda m: 0 < m <= 1, "in (0, 1]")
+cli.validate(_PEAK, lambda f: 0 < f < math.inf, "a positive number of FLOP/s")
 
 
 def main():
-    if _DEVICES.value < 0:
-        raise ValueError(f"--devices={_DEVICES.value} must be positive")
     if _COMPILE.value:  # simulated devices must be configured before JAX starts
         if not _DEVICES.value:
             raise ValueError("--compile needs --devices=N (the simulated CPU devices to compile for)")
@@ -55,8 +58,6 @@ def main():
     devices = _DEVICES.value or jax.device_count()
     memory = planner.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
     workload = planner.workload_from_config(_CONFIG.value, devices, _STAGE.value)
-    if _GRAD_ACCUM.value < 0:
-        raise ValueError(f"--grad_accum={_GRAD_ACCUM.value} must be >= 0")
     if _GRAD_ACCUM.value:
         workload = dataclasses.replace(workload, grad_accum=_GRAD_ACCUM.value)
     platform = "cpu" if _COMPILE.value else _PLATFORM.value

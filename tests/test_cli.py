@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from llama_jax import cli
 from llama_jax.data import tokenizer as tokenizer_lib
 from llama_jax.infer import text
 from llama_jax.interop import native
@@ -84,3 +85,70 @@ def test_generate_errors(tmp_path, short_checkpoint):
     _, as_text = text.generate_text(short_checkpoint, "a<|eot_id|>", max_new_tokens=2, special_tokens="text")
     assert as_special.prompt_tokens == 3 and as_text.prompt_tokens == 1 + len("a<|eot_id|>")
     assert tok.eot_id not in tok.encode("a<|eot_id|>", disallowed_special=())
+
+
+def test_usage_errors_are_one_line_naming_the_flag(tmp_path):
+    """Unknown, missing or stray arguments: one line and exit code 2, not the whole help and exit code 1."""
+    for args, want in [
+        (["-m", "llama_jax.convert", "--bogus=1"], "bad flag: Unknown command line flag 'bogus'"),
+        (["-m", "llama_jax.convert", "--from=hf"], "missing required flags --to, --input, --output"),
+        (["-m", "llama_jax.generate", "--prompt=hi"], "missing required flag --checkpoint"),
+        (["-m", "llama_jax.main", "--workdir=w"], "missing required flag --config"),
+        (["-m", "llama_jax.scaling", "--workdir=w"], "expected one command of fit; got none"),
+        (["-m", "llama_jax.scaling", "fit", "extra", "--workdir=w"], "expected one command of fit; got fit extra"),
+        (["-m", "llama_jax.convert", "--from=hf", "--to=hf", "--input=a", "--output=b", "extra"],
+         "unexpected arguments: extra"),
+        (["-m", "llama_jax.main", f"--config={REPO}/experiments/pretrain.py:tiny", "--config.nope=1",
+          "--workdir=w"], "bad flag: a --config override names no config field: 'nope'"),
+    ]:
+        line = _error_line(args, tmp_path)
+        assert line == f"llama_jax: error: {want}", (args, line)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_experiment_file_is_named(tmp_path):
+    for module, extra in [("llama_jax.main", ["--workdir=w"]), ("llama_jax.plan", [])]:
+        line = _error_line(["-m", module, "--config=experiments/nope.py:tiny", *extra], tmp_path)
+        assert line == ("llama_jax: error: bad flag: --config=experiments/nope.py:tiny: experiment file "
+                        "'experiments/nope.py' does not exist"), line
+    assert os.listdir(tmp_path) == []
+
+
+def test_flag_values_out_of_range_are_refused(tmp_path):
+    for args, want in [
+        (["-m", "llama_jax.generate", "--checkpoint=c", "--prompt=hi", "--temperature=-1"],
+         "--temperature=-1.0: must be >= 0 (0 = greedy)"),
+        (["-m", "llama_jax.generate", "--checkpoint=c", "--prompt=hi", "--top_p=0"], "--top_p=0.0: must be in (0, 1]"),
+        (["-m", "llama_jax.plan", f"--config={REPO}/experiments/pretrain.py:tiny", "--peak_flops=-1"],
+         "--peak_flops=-1.0: must be a positive number of FLOP/s"),
+        (["-m", "llama_jax.plan", f"--config={REPO}/experiments/pretrain.py:tiny", "--mfu=1.5"],
+         "--mfu=1.5: must be in (0, 1]"),
+        (["-m", "llama_jax.scaling", "fit", "--workdir=w", "--bootstrap=-5"],
+         "--bootstrap=-5: must be >= 0 (0 = no intervals)"),
+        (["-m", "llama_jax.convert", "--from=hf", "--to=hf", "--input=a", "--output=b", "--shard_size=0"],
+         "--shard_size=0: must be a positive byte count such as 5GB, 500MB or 1000000"),
+    ]:
+        line = _error_line(args, tmp_path)
+        assert line == f"llama_jax: error: bad flag: {want}", (args, line)
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_paths_are_refused(tmp_path):
+    """`--workdir=$UNSET` must not train into the current directory."""
+    for args in [["-m", "llama_jax.main", f"--config={REPO}/experiments/pretrain.py:tiny", "--workdir="],
+                 ["-m", "llama_jax.convert", "--from=hf", "--to=hf", "--input=a", "--output="],
+                 ["-m", "llama_jax.generate", "--checkpoint=", "--prompt=hi"],
+                 ["-m", "llama_jax.scaling", "fit", "--workdir="]]:
+        line = _error_line(args, tmp_path)
+        flag = args[-1] if args[-1].endswith("=") else args[-2]
+        assert line == f"llama_jax: error: bad flag: {flag}: must not be empty (an unset variable?)", line
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="--workdir is empty"):
+        cli.check_output_dir("", "--workdir")
+
+
+def test_convert_names_a_missing_input(tmp_path):
+    line = _error_line(["-m", "llama_jax.convert", "--from=hf", "--to=hf", "--input=/nonexistent",
+                        "--output=out"], tmp_path)
+    assert line == "llama_jax: error: input checkpoint '/nonexistent' does not exist", line
+    assert os.listdir(tmp_path) == []

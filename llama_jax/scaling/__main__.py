@@ -4,6 +4,8 @@ Re-fits the runs recorded in DIR/runs.jsonl (written by the sweep, `python -m ll
 --config=experiments/scaling_laws.py:cpu --workdir=DIR`) and writes DIR/fit.json, DIR/fit.txt and DIR/plots/*.png.
 """
 
+import math
+
 from absl import flags
 
 from llama_jax import cli
@@ -13,6 +15,9 @@ _FORECAST = flags.DEFINE_float("forecast_flops", 0.0, "Compute budget to forecas
                                "forecast_flops from sweep.json, else the paper's 3.8e25).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the intervals (0: none).")
 flags.mark_flags_as_required(["workdir"])
+cli.nonempty(_WORKDIR)
+cli.validate(_FORECAST, lambda c: 0 <= c < math.inf, ">= 0 (0 = the sweep's forecast_flops)")
+cli.validate(_BOOTSTRAP, lambda n: n >= 0, ">= 0 (0 = no intervals)")
 
 
 def main(command: str):
