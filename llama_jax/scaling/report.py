@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 from llama_jax.scaling import fit
+from llama_jax.scaling import sweep as sweep_lib
 
 PAPER = {"tokens": (0.299, 0.537)}  # Llama 3 Figure 3 legend: N*(C) = A·C^alpha, N* in tokens
 PAPER_FLOPS = 3.8e25
@@ -23,17 +24,21 @@ CHANCE = 0.25
 
 
 def _read(workdir: str) -> tuple[list[dict], dict]:
-    path = os.path.join(workdir, "runs.jsonl")
+    path = sweep_lib.runs_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no runs file {path!r}: run the sweep first (python -m llama_jax.main "
                                 f"--config=experiments/scaling_laws.py:cpu --workdir={workdir})")
-    with open(path) as f:
-        runs = [json.loads(line) for line in f if line.strip()]
-    sweep_path = os.path.join(workdir, "sweep.json")
+    runs = sweep_lib.read_runs(workdir, numbers=fit._KEYS)  # pylint: disable=protected-access
+    sweep_path = os.path.join(workdir, sweep_lib.SWEEP_FILE)
     sweep = {}
     if os.path.exists(sweep_path):
-        with open(sweep_path) as f:
-            sweep = json.load(f)
+        with open(sweep_path, encoding="utf-8") as f:
+            try:
+                sweep = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{sweep_path}: not valid JSON ({e})") from None
+        if not isinstance(sweep, dict):
+            raise ValueError(f"{sweep_path}: expected a JSON object, got {type(sweep).__name__}")
     return runs, sweep
 
 

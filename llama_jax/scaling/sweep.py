@@ -41,13 +41,32 @@ def runs_path(workdir: str) -> str:
     return os.path.join(workdir, RUNS_FILE)
 
 
-def read_runs(workdir: str) -> list[dict]:
-    """The records of `<workdir>/runs.jsonl` ([] if there is none yet)."""
+def read_runs(workdir: str, numbers: tuple[str, ...] = ()) -> list[dict]:
+    """The records of `<workdir>/runs.jsonl` ([] if there is none yet). A line that is not a JSON object, or a
+    run not marked failed (`status` "ok" or none) that lacks one of the keys `numbers` as a number, is a
+    ValueError naming the file and the line."""
     path = runs_path(workdir)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, "rb") as f:  # bytes: json.loads decodes them, so bad UTF-8 is reported with its line too
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            if record.get("status", "ok") == "ok":
+                bad = [k for k in numbers if isinstance(record.get(k), bool)
+                       or not isinstance(record.get(k), (int, float))]
+                if bad:
+                    raise ValueError(f"{path}, line {number}: run {record.get('name', '?')!r} needs a number for "
+                                     f"each of {bad}")
+            records.append(record)
+    return records
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -1,12 +1,18 @@
 """Scaling-law fits against known answers: exact parabolas, a parametric L(N, D) law, the paper's constants."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
 from llama_jax.scaling import fit
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Chinchilla's fitted law (Hoffmann et al. 2022, approach 3): L(N, D) = E + A / N^a + B / D^b.
 E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -118,3 +124,30 @@ def test_two_step_downstream_forecast():
             for t in np.exp([19.0, 20.0, 21.5])]
     (p,) = fit.downstream_points(runs, [dict(flops=1e20, tokens=math.exp(20.5), params=1.0, loss=0.0)])
     assert p["mc_nll"] == pytest.approx(1.25)
+
+
+def test_fit_command_names_the_file_and_line_of_a_bad_record(tmp_path):
+    good = json.dumps(dict(name="a", flops=1e18, params=1e6, tokens=1.7e11, loss=3.0, status="ok"))
+    failed = json.dumps(dict(name="b", status="failed", error="boom"))  # failed runs need no numbers
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    runs = tmp_path / "runs.jsonl"
+    for lines, want in [
+        ([good, "", "garbage {"], "line 3: not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+        ([good, failed, "[1, 2]"], "line 3: expected a JSON object, got list"),
+        ([failed, json.dumps(dict(name="c", flops=1e18, params="1e6", tokens=1.0))],
+         "line 2: run 'c' needs a number for each of ['params', 'loss']"),
+    ]:
+        runs.write_text("\n".join(lines) + "\n")
+        p = subprocess.run([sys.executable, "-m", "llama_jax.scaling", "fit", f"--workdir={tmp_path}"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines() == [f"llama_jax: error: {runs}, {want}"], p.stderr
+    runs.write_bytes(good.encode() + b"\n\xff\n")  # not UTF-8
+    p = subprocess.run([sys.executable, "-m", "llama_jax.scaling", "fit", f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2 and f"llama_jax: error: {runs}, line 2: not valid JSON" in p.stderr, p.stderr
+    runs.write_text(good + "\n")
+    (tmp_path / "sweep.json").write_text("{")
+    p = subprocess.run([sys.executable, "-m", "llama_jax.scaling", "fit", f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2 and f"llama_jax: error: {tmp_path / 'sweep.json'}: not valid JSON" in p.stderr, p.stderr
