@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llama_jax.train import metrics
+from llama_jax.train.metrics import peak as peak_lib
 
 
 class FakeDevice:
@@ -40,7 +41,7 @@ class FakeDevice:
     ("Trillium", "tpu", "bfloat16", 918e12, "TPU v6e bf16"),
 ])
 def test_datasheet_lookup(kind, platform, dtype, peak, label):
-    flops, source = metrics.device_peak_flops(dtype, device=FakeDevice(kind, platform))
+    flops, source = peak_lib.device_peak_flops(dtype, device=FakeDevice(kind, platform))
     assert flops == peak
     assert source == f"datasheet: {label} dense"
 
@@ -59,23 +60,23 @@ def test_no_datasheet_figure_falls_back_to_measurement(monkeypatch, kind, platfo
         calls.append((dtype, device.device_kind))
         return 1.5e12
 
-    monkeypatch.setattr(metrics, "measure_matmul_peak", fake_measure)
-    flops, source = metrics.device_peak_flops(dtype, device=FakeDevice(kind, platform))
+    monkeypatch.setattr(peak_lib, "measure_matmul_peak", fake_measure)
+    flops, source = peak_lib.device_peak_flops(dtype, device=FakeDevice(kind, platform))
     assert flops == 1.5e12
     assert source == f"measured {np.dtype(dtype).name} matmul"
     assert calls == [(np.dtype(dtype).name, kind)]
 
 
 def test_cpu_peak_is_measured_and_cached():
-    flops, source = metrics.device_peak_flops("float32")
+    flops, source = peak_lib.device_peak_flops("float32")
     assert jax.local_devices()[0].platform == "cpu"
     assert source == "measured float32 matmul"
     assert math.isfinite(flops) and flops > 0
     # cached: the second call returns the very same figure without re-timing
-    assert metrics.measure_matmul_peak("float32") == flops
-    assert metrics.device_peak_flops(jnp.float32)[0] == flops
+    assert peak_lib.measure_matmul_peak("float32") == flops
+    assert peak_lib.device_peak_flops(jnp.float32)[0] == flops
     # explicit size: a separate (small) measurement
-    assert metrics.measure_matmul_peak("float32", size=128, repeats=2) > 0
+    assert peak_lib.measure_matmul_peak("float32", size=128, repeats=2) > 0
 
 
 def _fake_peak(tmp_path, rates, **kw):
@@ -89,12 +90,12 @@ def _fake_peak(tmp_path, rates, **kw):
 
     first = rates.pop(0)
     kw.setdefault("store_path", str(tmp_path / "peaks.json"))
-    orig = metrics.device_peak_flops
-    metrics.device_peak_flops = lambda dtype, device=None: (first, "measured float32 matmul")
+    orig = peak_lib.device_peak_flops
+    peak_lib.device_peak_flops = lambda dtype, device=None: (first, "measured float32 matmul")
     try:
-        return metrics.PeakFlops("float32", measure=measure, **kw), calls
+        return peak_lib.PeakFlops("float32", measure=measure, **kw), calls
     finally:
-        metrics.device_peak_flops = orig
+        peak_lib.device_peak_flops = orig
 
 
 def test_peak_is_shared_by_simulated_cpu_devices_and_keeps_the_best_recorded(tmp_path):
@@ -136,7 +137,7 @@ def test_peak_remeasurement_is_rate_limited_and_datasheet_peaks_are_fixed(tmp_pa
     peak, calls = _fake_peak(tmp_path, [8e9, 8e9], remeasure_every_s=3600.0)
     peak.check(0.99e9)
     assert calls == []  # measured moments ago
-    gpu = metrics.PeakFlops("bfloat16", device=FakeDevice("NVIDIA H100 80GB HBM3"), store_path=str(tmp_path / "g"))
+    gpu = peak_lib.PeakFlops("bfloat16", device=FakeDevice("NVIDIA H100 80GB HBM3"), store_path=str(tmp_path / "g"))
     gpu.check(2000e12)
     assert gpu.value == 989e12 and not gpu.measured
     assert not (tmp_path / "g").exists()
