@@ -25,8 +25,9 @@ Backends (all compute the same function; `ATTENTION_BACKENDS` in model.config li
   "splash"       Pallas splash attention (TPU): causal mask + `SegmentIds`, GQA as one multi-query kernel per
                  KV head. Training shapes only (q_offset = 0, T = S, T a multiple of the 128-wide blocks when
                  T > 128). Imported lazily.
-  "auto"         cudnn on a GPU for bfloat16 / float16 training shapes, splash on a TPU for training shapes,
-                 xla_blocked for other training shapes, otherwise (decoding) xla.
+  "auto"         `choose`: cudnn on a GPU for bfloat16 / float16 training shapes, splash on a TPU for training
+                 shapes, xla_blocked for other training shapes, otherwise (decoding) xla; under context
+                 parallelism cudnn on a GPU for bfloat16 / float16, otherwise xla_chunked.
 A backend that the platform cannot run raises a ValueError that names the backend, the platform and the
 alternative, never a kernel compiler error.
 """
@@ -105,19 +106,41 @@ def _training_shapes(q_BTHD, k_BSKD, q_offset) -> bool:
     return _is_static_zero(q_offset) and q_BTHD.shape[1] == k_BSKD.shape[1]
 
 
-def resolve_backend(backend: str, q_BTHD: Array, k_BSKD: Array, q_offset=0) -> str:
-    """The concrete backend `dot_product_attention` will run for these arguments ("auto" resolved)."""
+def choose(backend: str = "auto", *, platform: str, dtype, training: bool, length: int | None = None,
+           context_parallel: bool = False) -> str:
+    """The concrete backend that runs for `backend`: the one "auto" rule (module docstring), used by the model,
+    by context parallelism and by the memory planner.
+
+    platform: JAX's platform name ("cpu", "gpu", "tpu"). dtype: the compute dtype of q / k / v (a dtype or its
+    name). training: training shapes (query length = key length, q_offset 0) rather than decoding or chunked
+    prefill. length: the query length of training shapes (splash needs at most 128 or a multiple of 128; None
+    skips that check). context_parallel: attention under context parallelism, where each device attends with
+    two query chunks against all keys (never training shapes, whatever `training` says); splash cannot run
+    there and is refused with an error naming it. A backend other than "auto" is returned as it is.
+    """
+    half = jnp.dtype(dtype).name in ("bfloat16", "float16")
+    if context_parallel:
+        if backend == "splash":
+            raise ValueError("attention backend 'splash' supports training shapes only and cannot run under "
+                             "context parallelism (mesh context > 1); use 'xla_chunked', 'cudnn' or 'auto'")
+        if backend != "auto":
+            return backend
+        return "cudnn" if platform == "gpu" and half else "xla_chunked"
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
-    if (platform == "gpu" and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
-            and _training_shapes(q_BTHD, k_BSKD, q_offset)):
+    if not training:
+        return "xla"
+    if platform == "gpu" and half:
         return "cudnn"
-    if platform == "tpu" and _training_shapes(q_BTHD, k_BSKD, q_offset) and _splash_shapes_ok(q_BTHD.shape[1]):
+    if platform == "tpu" and (length is None or _splash_shapes_ok(length)):
         return "splash"
-    if _training_shapes(q_BTHD, k_BSKD, q_offset):
-        return "xla_blocked"
-    return "xla"
+    return "xla_blocked"
+
+
+def resolve_backend(backend: str, q_BTHD: Array, k_BSKD: Array, q_offset=0) -> str:
+    """The concrete backend `dot_product_attention` will run for these arguments ("auto" resolved by `choose`)."""
+    return choose(backend, platform=jax.default_backend(), dtype=q_BTHD.dtype,
+                  training=_training_shapes(q_BTHD, k_BSKD, q_offset), length=q_BTHD.shape[1])
 
 
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, *, q_segment_ids: Array,

@@ -15,8 +15,8 @@ back in permuted order (:func:`unpermute` restores the natural order).
 Backends inside the shard_map: the query chunks are not training shapes (T_q = c < S = T, offset > 0), so
 "xla" and "xla_blocked" run the reference, "xla_chunked" the blockwise online-softmax kernel (memory
 O(c·block) per head: the choice for long sequences), "cudnn" the fused kernel with an explicit mask, and
-"auto" picks cudnn on a GPU for bfloat16 / float16, otherwise xla_chunked. "splash" supports training shapes
-only and is refused under context parallelism with an error naming it.
+"auto" picks cudnn on a GPU for bfloat16 / float16, otherwise xla_chunked (`attention.choose`). "splash" supports
+training shapes only and is refused under context parallelism with an error naming it.
 """
 
 from __future__ import annotations
@@ -104,17 +104,6 @@ def _natural_order_keys(x_BS, cp: int):
     return jnp.concatenate([early, late], axis=1).reshape(x_BS.shape)
 
 
-def _local_backend(backend: str, dtype) -> str:
-    if backend == "splash":
-        raise ValueError("attention backend 'splash' supports training shapes only and cannot run under context "
-                         "parallelism (mesh context > 1); use 'xla_chunked', 'cudnn' or 'auto'")
-    if backend == "auto":
-        if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
-            return "cudnn"
-        return "xla_chunked"
-    return backend
-
-
 def _gather(x):
     """All-gather over `context` along the sequence axis. On CPU, XLA's all-reduce promotion pass cannot
     rewrite the bfloat16 reduce-scatter of the backward pass, so the CPU gathers in float32 (exact: a gather
@@ -134,7 +123,8 @@ def context_parallel_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, segm
     cp = context_size()
     t = q_BTHD.shape[1]
     check_length(t, cp, "attention sequence")
-    local = _local_backend(backend, q_BTHD.dtype)
+    local = attention_lib.choose(backend, platform=jax.default_backend(), dtype=q_BTHD.dtype, training=False,
+                                 context_parallel=True)
     c = t // (2 * cp)
 
     def per_device(q, k, v, seg):

@@ -19,8 +19,9 @@ FLOPs per step are `ModelConfig.flops_per_token(seq_len)` x tokens per step (6N 
 recomputation); the time estimate divides them by devices x peak x the stated MFU.
 
 `--compile` (`compile_train_step`) builds the real train step on abstract shapes over simulated CPU devices and
-reads XLA's memory analysis (arguments + outputs - donated aliases + temporaries) for comparison; on CPU the
-`auto` attention backend resolves to its CPU choice, so the plan is made for that backend too.
+reads XLA's memory analysis (arguments + outputs - donated aliases + temporaries) for comparison. The attention
+backend is planned as `attention.choose` resolves it on the planned platform (on CPU, for `--compile`, its CPU
+choice), for the run's shapes and context parallelism.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import experiment
+from llama_jax.model import attention as attention_lib
 from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
@@ -169,10 +171,9 @@ def local_workload(w: Workload, platform: str = "cpu") -> tuple[ModelConfig, int
                          f"grad_accum {w.grad_accum}")
     if w.seq_len % ctx:
         raise ValueError(f"sequence length {w.seq_len} is not divisible by the context axis ({ctx})")
-    attention = cfg.attention
-    if attention == "auto":  # what the backend on `platform` resolves it to for training shapes
-        attention = {"gpu": "cudnn" if cfg.dtype in ("bfloat16", "float16") else "xla_blocked",
-                     "tpu": "splash"}.get(platform, "xla_blocked")
+    # the backend the run itself resolves on `platform` (the same rule, for the same shapes)
+    attention = attention_lib.choose(cfg.attention, platform=platform, dtype=cfg.dtype, training=True,
+                                     length=w.seq_len, context_parallel=w.mesh.get("context", 1) > 1)
     local = cfg.replace(n_heads=max(cfg.n_heads // tp_heads, 1), n_kv_heads=max(cfg.n_kv_heads // tp_kv, 1),
                         head_dim=cfg.resolved_head_dim, ffn_dim_override=max(cfg.ffn_dim // tp_mlp, 1),
                         vocab_size=max(cfg.vocab_size // tp_vocab, 1), attention=attention)

@@ -189,6 +189,31 @@ def test_unknown_backend_and_auto_resolution():
     assert attn.resolve_backend("auto", q[:, :1], kk, 5) == "xla"
 
 
+def test_choose_is_the_one_auto_rule():
+    train = {"training": True, "length": 256}
+    assert attn.choose(platform="gpu", dtype="bfloat16", **train) == "cudnn"
+    assert attn.choose(platform="gpu", dtype=jnp.float16, **train) == "cudnn"
+    assert attn.choose(platform="gpu", dtype="float32", **train) == "xla_blocked"
+    assert attn.choose(platform="tpu", dtype="bfloat16", **train) == "splash"
+    assert attn.choose(platform="tpu", dtype="bfloat16", training=True, length=100) == "splash"
+    assert attn.choose(platform="tpu", dtype="bfloat16", training=True, length=200) == "xla_blocked"
+    assert attn.choose(platform="cpu", dtype="bfloat16", **train) == "xla_blocked"
+    for platform in ("cpu", "gpu", "tpu"):  # decoding / chunked prefill
+        assert attn.choose(platform=platform, dtype="bfloat16", training=False) == "xla"
+        # context parallelism: two query chunks against all keys, whatever the shapes
+        want = "cudnn" if platform == "gpu" else "xla_chunked"
+        assert attn.choose(platform=platform, dtype="bfloat16", training=True, context_parallel=True) == want
+        assert attn.choose(platform=platform, dtype="float32", training=False, context_parallel=True) == "xla_chunked"
+    # a named backend is kept, except splash under context parallelism
+    assert attn.choose("xla_chunked", platform="gpu", dtype="bfloat16", **train) == "xla_chunked"
+    assert attn.choose("xla", platform="tpu", dtype="float32", training=True, context_parallel=True) == "xla"
+    with pytest.raises(ValueError, match="'splash'.*context parallelism"):
+        attn.choose("splash", platform="tpu", dtype="bfloat16", training=True, context_parallel=True)
+    # the model's resolution is this rule on the arrays' platform, dtype and shapes
+    q, kk, _, _ = _qkv(1, 8, 8, 2, 1, 8)
+    assert attn.resolve_backend("auto", q, kk, 0) == attn.choose(platform=ON, dtype=q.dtype, training=True, length=8)
+
+
 @pytest.mark.skipif(ON != "gpu", reason="needs an NVIDIA GPU (cuDNN); absent on this machine")
 def test_cudnn_on_gpu():
     b, t, h, k, dh = 2, 256, 8, 2, 64

@@ -13,6 +13,7 @@ import sys
 import jax
 import pytest
 
+from llama_jax.model import attention
 from llama_jax.sharding import planner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -99,6 +100,21 @@ def test_does_not_fit_names_the_biggest_term_and_what_to_change():
     ok = planner.plan(dataclasses.replace(w8, grad_accum=8, model=w8.model.replace(remat="full")),
                       device_memory=planner.parse_bytes("80GiB"))
     assert ok.fits is True and "fits in 80.00 GiB" in ok.report()
+
+
+def test_plan_resolves_auto_attention_as_the_run_does():
+    w = planner.workload_from_config(_config("tiny"), 8)
+    assert w.model.attention == "auto"
+    for platform in ("cpu", "gpu", "tpu"):
+        for mesh in (dict(w.mesh), {"data": 4, "fsdp": 1, "context": 2, "tensor": 1}):
+            cp = dataclasses.replace(w, mesh=mesh)
+            want = attention.choose(platform=platform, dtype=w.model.dtype, training=True, length=w.seq_len,
+                                    context_parallel=mesh["context"] > 1)
+            assert planner.local_workload(cp, platform)[0].attention == want
+    cp = dataclasses.replace(w, mesh={"data": 4, "fsdp": 1, "context": 2, "tensor": 1})
+    assert planner.local_workload(cp, "cpu")[0].attention == "xla_chunked"
+    with pytest.raises(ValueError, match="'splash'.*context parallelism"):
+        planner.local_workload(dataclasses.replace(cp, model=w.model.replace(attention="splash")), "tpu")
 
 
 def test_plan_command_json_with_compile_is_within_15_percent_for_tiny():
