@@ -39,6 +39,7 @@ from llama_jax import experiment
 from llama_jax.model import attention as attention_lib
 from llama_jax.model import transformer
 from llama_jax.model.config import ModelConfig
+from llama_jax.sharding import jax_compat
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
 
@@ -185,13 +186,12 @@ def local_workload(w: Workload, platform: str = "cpu") -> tuple[ModelConfig, int
 def saved_activation_bytes(cfg: ModelConfig, rows: int, length: int, loss_chunk: int) -> int:
     """Bytes the backward pass keeps from the forward pass of the real loss (JAX's saved residuals; arguments,
     i.e. parameters and the batch, excluded)."""
-    from jax._src.ad_checkpoint import saved_residuals  # noqa: PLC0415 - the list behind print_saved_residuals
     from llama_jax.train import step as step_lib  # noqa: PLC0415
 
     params = transformer.param_shapes(cfg)
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32) for k in step_lib.BATCH_KEYS}
-    residuals = saved_residuals(lambda p, b: step_lib.loss_sum(cfg, p, b, loss_chunk)[0], params, batch)
-    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a, src in residuals if "argument" not in src)
+    residuals = jax_compat.saved_residuals(lambda p, b: step_lib.loss_sum(cfg, p, b, loss_chunk)[0], params, batch)
+    return sum(r.nbytes for r in residuals if not r.is_argument)
 
 
 @dataclasses.dataclass(frozen=True)

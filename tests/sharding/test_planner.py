@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from llama_jax.model import attention
-from llama_jax.sharding import planner
+from llama_jax.sharding import jax_compat, planner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -100,6 +101,35 @@ def test_does_not_fit_names_the_biggest_term_and_what_to_change():
     ok = planner.plan(dataclasses.replace(w8, grad_accum=8, model=w8.model.replace(remat="full")),
                       device_memory=planner.parse_bytes("80GiB"))
     assert ok.fits is True and "fits in 80.00 GiB" in ok.report()
+
+
+def _residual_probe(x, w):
+    h = jnp.tanh(x @ w).astype(jnp.bfloat16)
+    return jnp.sum(jnp.where(h > 0, h, 0).astype(jnp.float32) * jnp.arange(w.shape[1], dtype=jnp.int32))
+
+
+def test_saved_residuals_fall_back_to_the_public_printer(monkeypatch, caplog):
+    """A JAX that moves `jax._src.ad_checkpoint.saved_residuals` (the import fails) or changes what it returns
+    gives the same residuals, read from `jax.ad_checkpoint.print_saved_residuals`, and the same plan."""
+    args = (jax.ShapeDtypeStruct((4, 8), jnp.float32), jax.ShapeDtypeStruct((8, 16), jnp.float32))
+    private = jax_compat.saved_residuals(_residual_probe, *args)
+    assert private == jax_compat.printed_saved_residuals(_residual_probe, *args)
+    assert {r.dtype for r in private} >= {jnp.dtype("bfloat16"), jnp.dtype("bool")}
+    assert any(r.is_argument for r in private) and not all(r.is_argument for r in private)
+    w = planner.workload_from_config(_config("tiny"), 8)
+    local, rows, length = planner.local_workload(w)
+    planned = planner.saved_activation_bytes(local, rows, length, 0)
+    assert planned > 0
+
+    monkeypatch.setitem(sys.modules, "jax._src.ad_checkpoint", None)  # the private import now fails
+    assert jax_compat._private_saved_residuals() is None
+    assert jax_compat.saved_residuals(_residual_probe, *args) == private
+    assert planner.saved_activation_bytes(local, rows, length, 0) == planned
+
+    monkeypatch.delitem(sys.modules, "jax._src.ad_checkpoint")  # importable again, but answering in another form
+    monkeypatch.setattr(jax_compat, "_private_saved_residuals", lambda: lambda f, *a: [object()])
+    assert jax_compat.saved_residuals(_residual_probe, *args) == private
+    assert "print_saved_residuals instead" in caplog.text
 
 
 def test_plan_resolves_auto_attention_as_the_run_does():
