@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llama_jax.sharding import mesh as mesh_lib
+
 ShardFactory = Callable[[int, int], Any]  # (shard index, shard count) -> grain iterator of that shard's rows
 
 
@@ -34,9 +36,7 @@ def _check_split(num_shards: int, process_count: int, global_batch: int) -> None
         raise ReshardError(f"{num_shards} data shards cannot be split among {process_count} processes: use a "
                            f"process count that divides {num_shards}, or set data.host_shards when the stage "
                            "starts")
-    if global_batch % num_shards:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {num_shards} data shards "
-                         "(data.host_shards)")
+    mesh_lib.check_global_batch(global_batch, shards=num_shards)
 
 
 class ShardedTrainIterator:

@@ -67,3 +67,40 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (the devices that split the batch axis)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_global_batch(global_batch: int, *, devices: int = 1, shards: int = 1, grad_accum: int = 1,
+                       roles: int | None = None, mesh: Mesh | Mapping[str, int] | None = None,
+                       where: str = "") -> None:
+    """Raises a ValueError naming the batch, the divisor and what to change unless `global_batch` rows split:
+
+      * into `shards` logical data shards (`data.host_shards`; `llama_jax.data.hosts`), equal rows per shard;
+      * with `roles` given (rows per record, e.g. 3 for chosen / rejected / edited), each shard's rows into whole
+        records, a multiple of `grad_accum` of them, so that no record straddles two micro-batches;
+      * over `devices` data-parallel devices (data x fsdp: `batch_divisor(mesh)`) times `grad_accum`
+        micro-batches, equal rows per device per micro-batch.
+
+    `mesh` (a Mesh or its axis sizes) is only named in the message; `where` (e.g. "stage 'sft'") prefixes it.
+    """
+    prefix = f"{where}: " if where else ""
+    if global_batch < 1:
+        raise ValueError(f"{prefix}global batch must be >= 1, got {global_batch}")
+    if shards < 1 or devices < 1 or grad_accum < 1 or (roles is not None and roles < 1):
+        raise ValueError(f"{prefix}batch divisors must be >= 1, got devices={devices} shards={shards} "
+                         f"grad_accum={grad_accum} roles={roles}")
+    if global_batch % shards:
+        raise ValueError(f"{prefix}global batch {global_batch} is not divisible by the {shards} data shards "
+                         f"(data.host_shards): use a multiple of {shards} as the global batch, or a data.host_shards "
+                         "that divides it")
+    local = global_batch // shards
+    if roles is not None and (local % roles or (local // roles) % grad_accum):
+        raise ValueError(f"{prefix}{local} rows per data shard must hold {roles} roles x a multiple of "
+                         f"grad_accum={grad_accum} (global batch {global_batch}, {shards} data shards): use a "
+                         f"global batch that is a multiple of {shards * roles * grad_accum}, or change grad_accum")
+    if global_batch % (devices * grad_accum):
+        accum = f" times grad_accum={grad_accum}" if grad_accum > 1 else ""
+        sizes = "" if mesh is None else f" of mesh {dict(getattr(mesh, 'shape', mesh))}"
+        change = "the data / fsdp mesh axes" + (" or grad_accum" if grad_accum > 1 else "")
+        raise ValueError(f"{prefix}global batch size {global_batch} is not divisible by data x fsdp = {devices} "
+                         f"devices{accum}{sizes}: use a multiple of {devices * grad_accum} as the global batch, or "
+                         f"change {change}")

@@ -166,10 +166,8 @@ def local_workload(w: Workload, platform: str = "cpu") -> tuple[ModelConfig, int
     tp_heads, tp_kv, tp_mlp, tp_vocab = (_rule_size(w, n) for n in ("act_heads", "act_kv_heads", "act_mlp",
                                                                        "act_vocab"))
     dp, ctx = _rule_size(w, "act_batch"), _rule_size(w, "act_length")
+    mesh_lib.check_global_batch(w.global_batch, devices=dp, grad_accum=w.grad_accum, mesh=w.mesh)
     rows = w.global_batch // (dp * w.grad_accum)
-    if rows < 1 or w.global_batch % (dp * w.grad_accum):
-        raise ValueError(f"global batch {w.global_batch} does not split into {dp} data-parallel devices x "
-                         f"grad_accum {w.grad_accum}")
     if w.seq_len % ctx:
         raise ValueError(f"sequence length {w.seq_len} is not divisible by the context axis ({ctx})")
     # the backend the run itself resolves on `platform` (the same rule, for the same shapes)

@@ -178,11 +178,7 @@ def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum
     for k in BATCH_KEYS:
         if tuple(batch_shapes[k][:2]) != (b, length):
             raise ValueError(f"batch[{k!r}] has shape {batch_shapes[k]}, expected ({b}, {length})")
-    div = mesh_lib.batch_divisor(mesh)
-    if b % (div * grad_accum):
-        raise ValueError(f"global batch size {b} is not divisible by data x fsdp = {div} devices"
-                         + (f" times grad_accum={grad_accum}" if grad_accum > 1 else "")
-                         + f" of mesh {dict(mesh.shape)}")
+    mesh_lib.check_global_batch(b, devices=mesh_lib.batch_divisor(mesh), grad_accum=grad_accum, mesh=mesh)
     context_parallel.check_length(length, mesh.shape["context"])
 
 

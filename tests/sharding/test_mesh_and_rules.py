@@ -34,6 +34,22 @@ def test_bad_mesh_shapes_are_named(shape, match):
         mesh_lib.make_mesh(shape)
 
 
+def test_global_batch_check_names_the_batch_the_divisor_and_what_to_change():
+    mesh_lib.check_global_batch(24, devices=4, shards=2, grad_accum=3, roles=2)
+    with pytest.raises(ValueError, match=r"global batch size 12 is not divisible by data x fsdp = 8 devices of mesh "
+                                         r"\{'data': 8\}: use a multiple of 8 as the global batch"):
+        mesh_lib.check_global_batch(12, devices=8, mesh={"data": 8})
+    with pytest.raises(ValueError, match="8 devices times grad_accum=4: use a multiple of 32 .* or grad_accum"):
+        mesh_lib.check_global_batch(16, devices=8, grad_accum=4)
+    with pytest.raises(ValueError, match=r"global batch 6 is not divisible by the 4 data shards \(data.host_shards\)"):
+        mesh_lib.check_global_batch(6, shards=4)
+    with pytest.raises(ValueError, match="stage 'dpo': 9 rows per data shard must hold 3 roles x a multiple of "
+                                         "grad_accum=2 .*multiple of 6"):
+        mesh_lib.check_global_batch(9, roles=3, grad_accum=2, where="stage 'dpo'")
+    with pytest.raises(ValueError, match="global batch must be >= 1, got 0"):
+        mesh_lib.check_global_batch(0, devices=8)
+
+
 def test_unknown_rule_set():
     with pytest.raises(ValueError, match="unknown sharding rule set 'zero9'"):
         rules_lib.get_rules("zero9")

@@ -145,6 +145,8 @@ def test_plan_resolves_auto_attention_as_the_run_does():
     assert planner.local_workload(cp, "cpu")[0].attention == "xla_chunked"
     with pytest.raises(ValueError, match="'splash'.*context parallelism"):
         planner.local_workload(dataclasses.replace(cp, model=w.model.replace(attention="splash")), "tpu")
+    with pytest.raises(ValueError, match=r"global batch size 12 is not divisible by data x fsdp = 8 devices"):
+        planner.local_workload(dataclasses.replace(w, global_batch=12))
 
 
 def test_plan_command_json_with_compile_is_within_15_percent_for_tiny():
