@@ -1,6 +1,6 @@
 """Runs an experiment: `python -m llama_jax.main --config=experiments/NAME.py:ARG --workdir=DIR [--config.a.b=v]`.
 
-Intentionally short: flags are parsed here and everything else happens in `llama_jax.train.loop`, so the same
+Intentionally short: flags are parsed here and everything else happens in `llama_jax.train.driver`, so the same
 logic is importable from tests and notebooks.
 """
 
@@ -26,7 +26,8 @@ cli.nonempty(_WORKDIR)
 
 def main():
     from llama_jax.sharding import distributed  # noqa: PLC0415
-    from llama_jax.train import loop  # noqa: PLC0415 - import after flags are parsed (jax reads its flags)
+    from llama_jax.stages import KINDS  # noqa: PLC0415 - import after flags are parsed (jax reads its flags)
+    from llama_jax.train import driver  # noqa: PLC0415
 
     if _MULTIHOST.value:
         distributed.initialize()
@@ -36,7 +37,7 @@ def main():
         from llama_jax.scaling import sweep  # noqa: PLC0415
         sweep.run_sweep(_CONFIG.value, _WORKDIR.value)
     else:
-        loop.run_experiment(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+        driver.run_experiment(_CONFIG.value, _WORKDIR.value, KINDS, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                             start_over=_START_OVER.value)
 
 

@@ -9,7 +9,7 @@ estimate at --mfu of --peak_flops per device (default: H100 SXM bf16 dense, 989 
 simulated CPU devices and prints XLA's memory analysis beside the plan (attention 'auto' is then planned as the
 CPU backend, the one compiled). --json prints one JSON object with `planned_bytes_per_device`,
 `compiled_bytes_per_device` (with --compile) and `fits` (null without --device_memory). See
-`llama_jax/sharding/planner.py` for what each term counts.
+`llama_jax/train/planner.py` for what each term counts.
 """
 
 import dataclasses
@@ -53,11 +53,12 @@ def main():
         jax.config.update("jax_num_cpu_devices", _DEVICES.value)
     import jax  # noqa: PLC0415
 
-    from llama_jax.sharding import planner  # noqa: PLC0415
+    from llama_jax.stages import KINDS  # noqa: PLC0415
+    from llama_jax.train import planner  # noqa: PLC0415
 
     devices = _DEVICES.value or jax.device_count()
     memory = planner.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
-    workload = planner.workload_from_config(_CONFIG.value, devices, _STAGE.value)
+    workload = planner.workload_from_config(_CONFIG.value, devices, _STAGE.value, kinds=KINDS)
     if _GRAD_ACCUM.value:
         workload = dataclasses.replace(workload, grad_accum=_GRAD_ACCUM.value)
     platform = "cpu" if _COMPILE.value else _PLATFORM.value
@@ -66,7 +67,7 @@ def main():
     text = p.report()
     if _COMPILE.value:
         t0 = time.perf_counter()
-        compiled = planner.compile_train_step(_CONFIG.value, dataclasses.replace(p.workload, model=workload.model))
+        compiled = planner.compile_train_step(dataclasses.replace(p.workload, model=workload.model))
         seconds = time.perf_counter() - t0
         got = planner.compiled_bytes_per_device(compiled)
         out.update(compiled_bytes_per_device=got, compile_seconds=seconds,

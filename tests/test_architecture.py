@@ -3,7 +3,7 @@ the lower layers import neither the engine nor the kinds, no module over 500 lin
 config imports no JAX.
 
 Imports are read from the source (`ast`), both module-level and inside functions: a lazy import still couples
-two modules, so it counts. The graph is over modules of `llama_jax`; `import llama_jax.a.b` and
+two modules, so it counts (imports under `if TYPE_CHECKING:` are annotations only and do not). The graph is over modules of `llama_jax`; `import llama_jax.a.b` and
 `from llama_jax.a import b` (b a module) both make an edge to `llama_jax.a.b`, and a package's `__init__` is a
 module of its own.
 """
@@ -37,7 +37,12 @@ def _imports(path: pathlib.Path, modules: dict) -> set[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -29,6 +29,7 @@ of code, which keeps training to a few seconds.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -112,7 +113,9 @@ def iter_documents(root: str) -> Iterator[tuple[str, str, str]]:
             yield "prose", rel, text
 
 
+@functools.lru_cache(maxsize=8)
 def _fingerprint(root: str) -> str:
+    """The corpus version of `root` (the standard library does not change while a process runs: computed once)."""
     h = hashlib.sha256()
     h.update(f"v{CORPUS_FORMAT_VERSION}|{sys.version}|{os.path.abspath(root)}".encode())
     for rel in list_files(root):
@@ -168,9 +171,17 @@ def document_path(cache_dir: str, source: str, split: str, root: str | None = No
 
 
 def load_documents(cache_dir: str, source: str, split: str, root: str | None = None) -> list[str]:
-    """The texts of one source and split, in corpus order."""
-    with open(document_path(cache_dir, source, split, root), encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+    """The texts of one source and split, in corpus order (a new list each call; the parsed file is read once per
+    process: every logical data shard of a stage reads its slice of the same list)."""
+    path = document_path(cache_dir, source, split, root)
+    stat = os.stat(path)
+    return list(_read_texts(path, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_texts(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:  # noqa: ARG001 - the cache key
+    with open(path, encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"] for line in f)
 
 
 def tokenizer_training_texts(cache_dir: str, root: str | None = None) -> list[str]:

@@ -1,16 +1,18 @@
 """Process-count-invariant training data: a fixed number of logical data shards split among the processes.
 
-The training stream is cut into `num_shards` logical shards, fixed when a stage starts (by default the
-number of processes then) and stored in its checkpoints. Shard k reads documents k::num_shards of every source
+The training stream is cut into `num_shards` logical shards, fixed when a stage starts and stored in its
+checkpoints: `data.host_shards`, or by default `default_shards` of the stage's batches (the largest count up to
+`MAX_DEFAULT_SHARDS` that divides every phase's global batch into whole groups of rows), a number fixed by the
+data and the batch, never by the process count. Shard k reads documents k::num_shards of every source
 and yields `global_batch / num_shards` packed rows per step (`pipeline.make_train_iterator` with
 `process_index=k, process_count=num_shards`); the global batch is the shards' rows in shard order. Process p of
 P owns the contiguous shards [p*S/P, (p+1)*S/P) and reads only those: every process reads its own data, and the
 global batch (hence every loss and parameter) does not depend on how many processes share the work.
 
-Resume with a different process count: the checkpoint holds every shard's grain iterator state (gathered to
-all processes when saved), so P' processes pick up exactly where P left off as long as P' divides the shard
-count; set `data.host_shards` when a stage starts to allow the process counts you will use (e.g. 8 for 1, 2,
-4 or 8 processes).
+So 1 x 8, 2 x 4 and 4 x 2 processes train the same run with default flags, and a restart with a different
+process count resumes the same stream: the checkpoint holds every shard's grain iterator state (gathered to all
+processes when saved), and P' processes pick up exactly where P left off as long as P' divides the shard count
+(an error names both numbers and `data.host_shards` otherwise).
 """
 
 from __future__ import annotations
@@ -31,12 +33,25 @@ class ReshardError(ValueError):
 
 def _check_split(num_shards: int, process_count: int, global_batch: int) -> None:
     if num_shards < 1:
-        raise ValueError(f"data.host_shards must be >= 1 (or 0 = the process count), got {num_shards}")
+        raise ValueError(f"data.host_shards must be >= 1 (or 0 = the default, `default_shards`), got {num_shards}")
     if num_shards % process_count:
         raise ReshardError(f"{num_shards} data shards cannot be split among {process_count} processes: use a "
                            f"process count that divides {num_shards}, or set data.host_shards when the stage "
                            "starts")
     mesh_lib.check_global_batch(global_batch, shards=num_shards)
+
+
+MAX_DEFAULT_SHARDS = 64  # the most processes a stage can be split among without setting data.host_shards
+
+
+def default_shards(global_batches: list[int], granule: int = 1) -> int:
+    """The default number of logical data shards of a stage: the largest count up to `MAX_DEFAULT_SHARDS` such
+    that every phase's global batch splits into that many equal parts of whole `granule`-row groups (a record's
+    rows, gradient-accumulation layouts: `StageKind.batch_granule`)."""
+    fits = [s for s in range(1, MAX_DEFAULT_SHARDS + 1) if all(b % (s * granule) == 0 for b in global_batches)]
+    if not fits:
+        raise ValueError(f"global batch(es) {global_batches} do not hold whole groups of {granule} rows")
+    return fits[-1]
 
 
 class ShardedTrainIterator:

@@ -392,8 +392,10 @@ def prepare(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_sources(sources) -> None:
+    from llama_jax.data import sources as sources_lib  # noqa: PLC0415 - the table of source kinds (no JAX)
+
     for s in sources:
-        if s.get("kind", "corpus") in ("corpus", "passkey"):  # built in, no files
+        if s.get("kind", "corpus") in sources_lib.BUILTIN:  # built in, no files
             continue
         path = s.get("path")
         if not path or not (os.path.exists(path) or glob.glob(path)):

@@ -56,9 +56,9 @@ def load(path: str | os.PathLike, fmt: str | None = None, dtype="float32") -> tu
     if fmt == "meta":
         return meta.load(path, dtype=dtype)
     if fmt == "workdir" or (fmt == "llama_jax" and detect(path) == "workdir"):
-        from llama_jax import workdir  # noqa: PLC0415 - pulls in orbax/grain
+        from llama_jax.train import resume  # noqa: PLC0415 - pulls in orbax/grain
         _check_workdir(path)
-        return workdir.load(os.fspath(path), dtype=dtype)
+        return resume.load_workdir(os.fspath(path), dtype=dtype)
     if fmt == "llama_jax":
         return native.load(path, dtype=dtype)
     raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")

@@ -3,7 +3,7 @@
 An experiment with a `sweep` block (`experiments/scaling_laws.py`) lists each run as an ordinary pretrain stage.
 Runs are independent (each from scratch, with its own model shape), so the runner does not chain them as the
 driver chains stages: it gives each stage its own workdir `<workdir>/runs/<name>/` and calls the driver's public
-entry (`llama_jax.train.loop.run_experiment`) on a one-stage copy of the experiment, the same experiment that
+entry (`llama_jax.train.driver.run_experiment`) on a one-stage copy of the experiment, the same experiment that
 `python -m llama_jax.main --config=experiments/scaling_laws.py:VARIANT,run=NAME` runs.
 
 * Resumable: a run the driver finished (its DONE.json) and recorded is skipped; an interrupted run resumes
@@ -116,18 +116,19 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
     """Runs (or resumes) every run of the sweep experiment `c` in `workdir`; returns the run records.
 
     `train(config, workdir) -> {stage name: final metrics}` is the driver's entry (default
-    `llama_jax.train.loop.run_experiment`).
+    `llama_jax.train.driver.run_experiment` with the stage kinds of `llama_jax.stages`).
     """
     import jax  # noqa: PLC0415
 
     from llama_jax.data import corpus, pipeline  # noqa: PLC0415
     from llama_jax.scaling import downstream  # noqa: PLC0415
     from llama_jax import workdir as workdir_lib  # noqa: PLC0415
-    from llama_jax.train import loop  # noqa: PLC0415
+    from llama_jax.stages import KINDS  # noqa: PLC0415
+    from llama_jax.train import driver, resume  # noqa: PLC0415
 
     if "sweep" not in c:
         raise ValueError("the experiment has no sweep block (config.sweep); run it with llama_jax.main instead")
-    train = train or loop.run_experiment
+    train = train or (lambda config, run_dir: driver.run_experiment(config, run_dir, KINDS))
     stream = stream or sys.stderr
     workdir = os.path.abspath(workdir)
     os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
@@ -147,7 +148,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
         _write_atomic(os.path.join(workdir, SWEEP_FILE), json.dumps(c.sweep.to_dict(), indent=1, sort_keys=True))
     records = {r["name"]: r for r in read_runs(workdir) if r.get("name") in plans}
 
-    tokenizer = loop.load_tokenizer(c, workdir)
+    tokenizer = driver.load_tokenizer(c, workdir)
     items_cache: list = []
 
     def mc_items():
@@ -186,7 +187,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, train: Callable[[Any, 
             loss = float(final.get("eval_loss", math.nan))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"held-out loss is {loss}")
-            cfg, params = workdir_lib.load(run_dir, stage=name)
+            cfg, params = resume.load_workdir(run_dir, stage=name)
             rec.update(loss=loss, tokens_trained=int(final["tokens"]),
                        **downstream.score(cfg, params, mc_items(), tokenizer.bos_id))
             rec["status"] = "ok"

@@ -30,6 +30,7 @@ from llama_jax.experiment.options import Spec, StageRef
 from llama_jax.model import transformer
 from llama_jax.posttrain import data as data_lib
 from llama_jax.posttrain import rejection
+from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.train import kind as kind_lib
 from llama_jax.train import loss as loss_lib
 from llama_jax.train import resume
@@ -54,18 +55,18 @@ def data_shard(ctx: kind_lib.StageContext) -> tuple[int, int]:
     return ctx.data_shard or (jax.process_index(), jax.process_count())
 
 
+def granule(stage, roles: int) -> int:
+    """Rows a data shard must hold together: a record's `roles` rows times grad_accum (the `Collate` layout)."""
+    return roles * stage.grad_accum
+
+
 def local_rows(ctx: kind_lib.StageContext, phase: int, roles: int) -> tuple[int, int]:
     """(rows of this data shard per step, records per step) for the phase, checked against the layout."""
     p = ctx.stage.phases[phase]
     _, shards = data_shard(ctx)
-    if p.global_batch % shards:
-        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): global batch {p.global_batch} is not "
-                         f"divisible by the {shards} data shards")
+    mesh_lib.check_global_batch(p.global_batch, shards=shards, roles=roles, grad_accum=ctx.stage.grad_accum,
+                                where=f"stage {ctx.stage.name!r} ({ctx.stage.kind})")
     local = p.global_batch // shards
-    if local % roles or (local // roles) % ctx.stage.grad_accum:
-        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): {local} rows per data shard must hold "
-                         f"{roles} roles x a multiple of grad_accum={ctx.stage.grad_accum} (global batch "
-                         f"{p.global_batch}, {shards} data shards)")
     return local, local // roles
 
 

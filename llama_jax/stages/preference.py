@@ -12,6 +12,9 @@ class PreferenceKind(kind_lib.StageKind):
 
     ROLES: tuple[str, ...] = ()
 
+    def batch_granule(self, stage) -> int:
+        return common.granule(stage, len(self.ROLES))
+
     def examples(self, ctx, spec, seq_len: int) -> list[dict]:
         """{role: row} per record of the preference file `spec` that fits `seq_len`."""
         raise NotImplementedError

@@ -39,7 +39,8 @@ class Pretrain(kind_lib.StageKind):
         shard, shards = ctx.data_shard or (None, None)
         return pipeline.make_train_iterator(ctx.data_cfg, ctx.tokenizer, p.seq_len, p.global_batch,
                                             ctx.stage.iterator_seed(), process_index=shard, process_count=shards,
-                                            start_documents=start_documents, track_documents=True)
+                                            start_documents=start_documents, track_documents=True,
+                                            readers_here=ctx.readers_here)
 
     def evaluate(self, ctx, params, phase, step):
         p = ctx.stage.phases[phase]

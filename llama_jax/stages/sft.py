@@ -22,6 +22,9 @@ class SFT(kind_lib.StageKind):
     name = "sft"
     Options = options_lib.SFTOptions
 
+    def batch_granule(self, stage) -> int:
+        return common.granule(stage, 1)
+
     def read(self, ctx) -> tuple[list[dict], data_lib.ReadReport]:
         """Every dialog of the stage's files, with one read report over them."""
         records, report = [], None

@@ -13,6 +13,9 @@ module plus one line in that table.
     Options                                its options (a frozen dataclass, `experiment.options`; parsed once
                                            by `parse_options`, read as `ctx.stage.options`)
     check(stage)                           checks that need the resolved stage (lengths, the model)
+    batch_granule(stage)                   rows of a step's batch that must come from one logical data shard
+                                           (records of several rows, gradient-accumulation layouts); it bounds
+                                           the default number of data shards (`data.hosts.default_shards`)
     initial_params(ctx, abstract)          (params, description) a stage without checkpoints starts from
                                            instead of its init source, or None (e.g. `average`)
     train_iterator(ctx, phase, start)      a checkpointable iterator of batches of the logical data shard
@@ -60,6 +63,7 @@ class StageContext:
     # (shard, shard count) of the logical data shard a train iterator reads (`data.hosts`): documents
     # shard::count of every source, global_batch / count rows per step. None = this process of all processes.
     data_shard: tuple[int, int] | None = None
+    readers_here: int = 1  # logical data shards this process reads side by side (they share its read threads)
     cache: dict = dataclasses.field(default_factory=dict)  # the kind's per-stage cache (see the module docstring)
 
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
@@ -82,6 +86,10 @@ class StageKind:
 
     def check(self, stage: experiment.Stage) -> None:
         """Checks of the options that need the resolved stage; errors name the stage."""
+
+    def batch_granule(self, stage: experiment.Stage) -> int:
+        """Rows that must stay in one logical data shard (1: any split of the rows works)."""
+        return 1
 
     def initial_params(self, ctx: StageContext, abstract_params: Any) -> tuple[Any, str] | None:
         """(params, description) a stage without checkpoints starts from instead of its init source, placed as

@@ -74,11 +74,9 @@ class StageRun:
         if tokenizer.n_words > stage.model.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.n_words} ids but model {stage.model.name!r} has "
                              f"vocab_size {stage.model.vocab_size}")
-        divisor = mesh_lib.batch_divisor(mesh) * stage.grad_accum
         for p in stage.phases if kind.trains else ():
-            if p.global_batch % divisor:
-                raise ValueError(f"stage {self.name!r}: global batch {p.global_batch} is not divisible by the "
-                                 f"{divisor} data-parallel devices x grad_accum of mesh {dict(mesh.shape)}")
+            mesh_lib.check_global_batch(p.global_batch, devices=mesh_lib.batch_divisor(mesh),
+                                        grad_accum=stage.grad_accum, mesh=mesh, where=f"stage {self.name!r}")
         self.total_steps = stage.total_steps
         if c.debug.max_steps:
             self.total_steps = min(self.total_steps, int(c.debug.max_steps))

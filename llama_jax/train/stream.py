@@ -60,7 +60,12 @@ class StageStream:
         self.consumed: dict[int, list[int]] = {}  # local shard -> per source: last document used (-1 = none)
 
     def default_shards(self) -> int:
-        return int(self.ctx.data_cfg.get("host_shards", 0) or 0) or jax.process_count()
+        """`data.host_shards`, or `hosts.default_shards` of the stage's phases: fixed by the data and the batch,
+        not by the process count, so any process count that divides it trains the same run."""
+        configured = int(self.ctx.data_cfg.get("host_shards", 0) or 0)
+        stage = self.ctx.stage
+        return configured or hosts.default_shards([p.global_batch for p in stage.phases],
+                                                  self.kind.batch_granule(stage))
 
     def open(self, phase: int, num_shards: int, start: list[list[int]] | None = None,
              consumed: list[list[int]] | None = None) -> hosts.ShardedTrainIterator:
@@ -72,7 +77,8 @@ class StageStream:
         p = self.ctx.stage.phases[phase]
 
         def factory(shard: int, shards: int):
-            ctx = dataclasses.replace(self.ctx, data_shard=(shard, shards))
+            ctx = dataclasses.replace(self.ctx, data_shard=(shard, shards),
+                                      readers_here=max(shards // jax.process_count(), 1))
             row = start[shard] if start is not None else [0] * n
             return self.kind.train_iterator(ctx, phase, {name: int(s) for name, s in zip(self.sources, row) if s})
 

@@ -79,6 +79,7 @@ class Workload:
     grad_accum: int = 1
     loss_chunk: int = 0
     stage: str = ""
+    optim: experiment.OptimConfig = experiment.OptimConfig()  # the stage's optimizer (its state is planned)
 
     @property
     def devices(self) -> int:
@@ -89,23 +90,26 @@ class Workload:
         return self.seq_len * self.global_batch
 
 
-def stage_of(c: Any, stage: str | None = None) -> experiment.Stage:
-    """The typed stage named `stage` of the experiment (`experiment.resolve`; default: the first stage)."""
-    stages = experiment.resolve(c)
+def stage_of(c: Any, kinds: Mapping[str, Any], stage: str | None = None) -> experiment.Stage:
+    """The typed stage named `stage` of the experiment (`experiment.resolve(c, kinds)`; default: the first
+    stage)."""
+    stages = experiment.resolve(c, kinds)
     found = [st for st in stages if stage in (None, st.name)]
     if not found:
         raise ValueError(f"no stage named {stage!r}; stages: {[st.name for st in stages]}")
     return found[0]
 
 
-def workload_from_config(c: Any, devices: int, stage: str | None = None) -> Workload:
-    """The phase of `stage` (default: the first stage) with the most tokens per step, on `devices` devices."""
-    st = stage_of(c, stage)
+def workload_from_config(c: Any, devices: int, stage: str | None = None, *, kinds: Mapping[str, Any]) -> Workload:
+    """The phase of `stage` (default: the first stage) with the most tokens per step, on `devices` devices;
+    `kinds` is the table of stage kinds the experiment is resolved with (`llama_jax.stages.KINDS`)."""
+    st = stage_of(c, kinds, stage)
     p = max(st.phases, key=lambda p: (p.tokens_per_step, p.seq_len))
     sizes = mesh_lib.resolve_mesh_shape(c.mesh.to_dict(), devices)
     rules_lib.get_rules(c.sharding_rules)
     return Workload(model=st.model, mesh=sizes, rules=c.sharding_rules, seq_len=p.seq_len,
-                    global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name)
+                    global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name,
+                    optim=st.optim)
 
 
 def _axes_size(mesh: Mapping[str, int], axes) -> int:
@@ -301,13 +305,13 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
                 mfu=mfu, device_memory=device_memory, notes=tuple(notes))
 
 
-def compile_train_step(c: Any, w: Workload):
+def compile_train_step(w: Workload):
     """The real train step of `w`, compiled ahead of time on abstract shapes over the current devices (no
     array is allocated). Returns the `jax.stages.Compiled`."""
-    return lower_train_step(c, w).compile()
+    return lower_train_step(w).compile()
 
 
-def lower_train_step(c: Any, w: Workload):
+def lower_train_step(w: Workload):
     """The real train step of `w` lowered on abstract shapes (`jax.stages.Lowered`; see compile_train_step)."""
     from llama_jax.train import step as step_lib  # noqa: PLC0415
 
@@ -316,7 +320,7 @@ def lower_train_step(c: Any, w: Workload):
         raise ValueError(f"the plan is for {w.devices} devices but JAX has {len(devices)}")
     mesh = mesh_lib.make_mesh(dict(w.mesh), devices)
     rules = rules_lib.get_rules(w.rules)
-    optim_cfg = stage_of(c, w.stage).optim  # the driver's optimizer config of the stage
+    optim_cfg = w.optim  # the driver's optimizer config of the stage
     abstract = step_lib.abstract_train_state(w.model, optim_cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=w.loss_chunk)

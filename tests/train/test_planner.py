@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import pytest
 
 from llama_jax.model import attention
-from llama_jax.sharding import jax_compat, planner
+from llama_jax.sharding import jax_compat
+from llama_jax.stages import KINDS
+from llama_jax.train import planner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,7 +48,7 @@ def test_parse_and_format_bytes():
 def test_param_terms_follow_the_sharding_rules():
     """Hand count: the 1B model (tied embeddings) has 1,235,814,400 float32 parameters; fsdp over 8 splits every
     tensor with an `embed` axis (all but the norm gains, 2·16·2048 + 2048 values) eight ways."""
-    w = planner.workload_from_config(_config("llama3.2-1b"), 8)
+    w = planner.workload_from_config(_config("llama3.2-1b"), 8, kinds=KINDS)
     assert w.model.param_count() == 1_235_814_400 and dict(w.mesh)["fsdp"] == 8
     norms = 2 * 16 * 2048 + 2048
     assert planner.param_bytes_per_device(w) == 4 * ((1_235_814_400 - norms) // 8 + norms)
@@ -59,10 +61,10 @@ def test_1b_plan_is_within_15_percent_of_xla():
     """Llama 3.2 1B as in experiments/pretrain.py:llama3.2-1b (bf16, FSDP over 8, save_dots_no_batch, chunked
     loss), at 8 x 1024 tokens per step so that it compiles in seconds; the real step, compiled."""
     c = _config("llama3.2-1b")
-    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count()), global_batch=8, seq_len=1024,
+    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count(), kinds=KINDS), global_batch=8, seq_len=1024,
                             loss_chunk=512)
     p = planner.plan(w, platform="cpu")
-    compiled = planner.compiled_bytes_per_device(planner.compile_train_step(c, p.workload))
+    compiled = planner.compiled_bytes_per_device(planner.compile_train_step(p.workload))
     assert 0.85 <= p.total / compiled <= 1.15, (p.report(), compiled)
 
 
@@ -70,23 +72,23 @@ def test_405b_train_step_compiles_with_depth_independent_structure():
     """The full 126-layer 405B step (TP 8 as in the paper, abstract shapes, 8 simulated devices) compiles; the
     layers run as one scanned loop body, so the program is the same size at 4 layers and at 126."""
     c = _config("llama3.1-405b")
-    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count()), global_batch=8, seq_len=256,
+    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count(), kinds=KINDS), global_batch=8, seq_len=256,
                             loss_chunk=256)
     assert w.model.n_layers == 126 and dict(w.mesh)["tensor"] == 8
-    compiled = planner.compile_train_step(c, w)
+    compiled = planner.compile_train_step(w)
     hlo = compiled.as_text()
     assert re.search(r'known_trip_count[^}]*"n":"126"', hlo), "the 126 layers should be one while loop"
     assert compiled.memory_analysis().argument_size_in_bytes > 405e9 * 4 * 3 / 8 * 0.99  # params + Adam, / TP 8
 
     def dots(model):
-        lowered = planner.lower_train_step(c, dataclasses.replace(w, model=model))
+        lowered = planner.lower_train_step(dataclasses.replace(w, model=model))
         return lowered.as_text().count("dot_general")
 
     assert dots(w.model) == dots(w.model.replace(n_layers=4)) > 0
 
 
 def test_does_not_fit_names_the_biggest_term_and_what_to_change():
-    w = planner.workload_from_config(_config("llama3.1-405b"), 64)
+    w = planner.workload_from_config(_config("llama3.1-405b"), 64, kinds=KINDS)
     p = planner.plan(w, device_memory=planner.parse_bytes("80GiB"))  # 32 rows of 8,192 tokens per device
     assert p.fits is False and p.biggest == "activations"
     assert "the biggest term is activations" in p.report() and "remat" in p.report()
@@ -97,7 +99,7 @@ def test_does_not_fit_names_the_biggest_term_and_what_to_change():
     assert p.fits is False and p.biggest == "optimizer"
     report = p.report()
     assert "does not fit" in report and "the biggest term is optimizer" in report and "mesh.fsdp" in report
-    w8 = planner.workload_from_config(_config("llama3.1-8b"), 64)
+    w8 = planner.workload_from_config(_config("llama3.1-8b"), 64, kinds=KINDS)
     ok = planner.plan(dataclasses.replace(w8, grad_accum=8, model=w8.model.replace(remat="full")),
                       device_memory=planner.parse_bytes("80GiB"))
     assert ok.fits is True and "fits in 80.00 GiB" in ok.report()
@@ -116,7 +118,7 @@ def test_saved_residuals_fall_back_to_the_public_printer(monkeypatch, caplog):
     assert private == jax_compat.printed_saved_residuals(_residual_probe, *args)
     assert {r.dtype for r in private} >= {jnp.dtype("bfloat16"), jnp.dtype("bool")}
     assert any(r.is_argument for r in private) and not all(r.is_argument for r in private)
-    w = planner.workload_from_config(_config("tiny"), 8)
+    w = planner.workload_from_config(_config("tiny"), 8, kinds=KINDS)
     local, rows, length = planner.local_workload(w)
     planned = planner.saved_activation_bytes(local, rows, length, 0)
     assert planned > 0
@@ -133,7 +135,7 @@ def test_saved_residuals_fall_back_to_the_public_printer(monkeypatch, caplog):
 
 
 def test_plan_resolves_auto_attention_as_the_run_does():
-    w = planner.workload_from_config(_config("tiny"), 8)
+    w = planner.workload_from_config(_config("tiny"), 8, kinds=KINDS)
     assert w.model.attention == "auto"
     for platform in ("cpu", "gpu", "tpu"):
         for mesh in (dict(w.mesh), {"data": 4, "fsdp": 1, "context": 2, "tensor": 1}):
