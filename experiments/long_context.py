@@ -14,7 +14,7 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
 * `probe` — the paper's data-value probe (section 3.1.3) at tiny size: a half-trained model (pretrain on code,
   `steps` of a 2 x `steps` schedule) annealed twice, without and with prose as the new source at `weight` of
-  the mix (the paper: 30%); `llama_jax.train.long_context.data_value_report` on the results compares the
+  the mix (the paper: 30%); `llama_jax.stages.anneal.data_value_report` on the results compares the
   held-out loss (code + prose) of the two averaged models. Knobs: steps (200), lr, weight. CPU.
       python -m llama_jax.main --config=experiments/long_context.py:probe,steps=40 --workdir=/tmp/llama_probe
 * `paper` — Llama 3.1 8B: the 8K pretraining is `experiments/pretrain.py:llama3.1-8b` (give its checkpoints as

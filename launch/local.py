@@ -10,12 +10,17 @@ JAX_COORDINATOR_ADDRESS=127.0.0.1:<a free port>, JAX_NUM_PROCESSES=N, JAX_PROCES
 `llama_jax.sharding.distributed.initialize`, which selects gloo for the CPU collectives). Output of every process
 is streamed with a `[i] ` prefix. If any process fails, the others are stopped (SIGTERM, then SIGKILL after
 `--grace_s`) and the launcher exits with the failing process's status; Ctrl-C / SIGTERM to the launcher is passed
-on to every process. No process outlives the launcher.
+on to every process, which agree on the step to save at and exit with status 75 ("preempted, checkpoint saved":
+the launcher then waits for all of them and exits 75 too). No process outlives the launcher: each is started
+with a parent-death signal (SIGKILL when the launcher dies, even by SIGKILL). A process that dies leaves the
+others unable to save (a checkpoint is a collective of all processes): they are stopped, and a rerun resumes from
+the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -23,6 +28,18 @@ import subprocess
 import sys
 import threading
 import time
+
+
+EXIT_PREEMPTED = 75  # llama_jax.train.stage_run.EXIT_PREEMPTED: preempted, checkpoint saved
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the launcher dies (Linux prctl; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -74,17 +91,19 @@ def launch(processes: int, devices_per_process: int, main_args: list[str], grace
         for i in range(processes):
             cmd = [sys.executable, "-m", "llama_jax.main", "--multihost", *main_args]
             p = subprocess.Popen(cmd, env=process_env(i, processes, devices_per_process, port),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
             procs.append(p)
             with lock:
                 print(f"[launch] process {i}/{processes}: pid {p.pid}", flush=True)
+        for i, p in enumerate(procs):  # threads only once every process is started (preexec_fn and threads)
             t = threading.Thread(target=_pump, args=(i, p.stdout, lock), daemon=True)
             t.start()
             pumps.append(t)
         status = 0
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, EXIT_PREEMPTED)]
             if failed:
                 index, status = failed[0]
                 if any(c is None for c in codes):
@@ -93,7 +112,8 @@ def launch(processes: int, devices_per_process: int, main_args: list[str], grace
                               flush=True)
                     _stop_all(procs, grace_s)
                 break
-            if all(c == 0 for c in codes):
+            if all(c is not None for c in codes):  # all succeeded, or were preempted after their checkpoint
+                status = EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
                 break
             time.sleep(0.1)
         if stop["signal"] is not None:
@@ -107,7 +127,8 @@ def launch(processes: int, devices_per_process: int, main_args: list[str], grace
     if status < 0:  # killed by a signal: report it the way a shell does
         status = 128 - status
     with lock:
-        print(f"[launch] job {'succeeded' if status == 0 else f'failed (status {status})'}", flush=True)
+        outcome = {0: "succeeded", EXIT_PREEMPTED: f"preempted, checkpoint saved (status {status})"}
+        print(f"[launch] job {outcome.get(status, f'failed (status {status})')}", flush=True)
     return status
 
 

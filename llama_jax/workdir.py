@@ -1,6 +1,7 @@
 """The run directory: the one owner of its layout (every path of a run) and its JSON files; it loads no model
 (`llama_jax.train.resume.load_workdir` reads a workdir as a checkpoint).
 
+    <workdir>/.lock                              held by the live run (`WorkdirLock`: one writer per workdir)
     <workdir>/config.json                        the experiment config (written when the run first starts,
                                                  and again only when a changed config is accepted and a
                                                  stage then runs)
@@ -28,6 +29,7 @@ STAGES = "stages"
 DONE = "DONE.json"
 MODEL_CONFIG = "model_config.json"
 BATCHES = "batches.jsonl"
+LOCK = ".lock"
 
 # Config keys that define what the checkpoints hold and which data they saw. Changing one of them under an
 # existing workdir is refused unless explicitly allowed; the others (intervals, eval, samples, mesh, caches,
@@ -98,11 +100,57 @@ def write_config(workdir: str, config) -> None:
 
 
 def read_done(workdir: str, stage: str) -> dict | None:
+    """A finished stage's DONE.json, or None; an unreadable one is an error naming the file."""
     path = done_path(workdir, stage)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            done = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a stage's record (invalid JSON: {e}); move it aside to run the stage "
+                         "again") from None
+    if not isinstance(done, dict):
+        raise ValueError(f"{path} is not a stage's record (a JSON {type(done).__name__}, not an object)")
+    return done
+
+
+class WorkdirBusy(ValueError):
+    """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+    """One writer per workdir: an exclusive `flock` on `<workdir>/.lock`, held while the run lives. The kernel
+    releases it when the holding process ends, however it ends, so a killed run never leaves it stale; the file
+    records the holder (host, pid, start time) for the error another run gets. Taken by process 0 of a job."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        import fcntl  # noqa: PLC0415 - POSIX only
+        import socket  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirBusy(f"workdir {os.path.dirname(self.path)!r} is in use by another run ({holder}): wait "
+                              "for it to end, or use another workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

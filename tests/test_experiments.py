@@ -134,7 +134,7 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     # round 2's data comes from round 1's model: its reward model and sampler start from avg_r1
     assert by_name["rm_r2"].init_source == by_name["rs_r2"].init_source == "previous:avg_r1"
     assert by_name["rs_r2"].options.reward_model == E.StageRef("rm_r2")
-    assert by_name["rm_r2"].options.preferences == E.StageRef("rs_r1", "preferences.jsonl")
+    assert by_name["rm_r2"].options.preferences == (E.StageRef("rs_r1", "preferences.jsonl"),)
     sweep = E.resolve(_load("posttrain").get_config(f"dpo_sweep,init={_tiny_workdir(tmp_path / 'h2', 'sft_r1')},"
                                                       f"{task}"), KINDS)
     assert [s.optim.peak_lr for s in sweep[1:]] == [1e-4, 3e-5, 1e-5, 1e-5, 1e-4]

@@ -1,9 +1,9 @@
 """Process-count-invariant training data: a fixed number of logical data shards split among the processes.
 
 The training stream is cut into `num_shards` logical shards, fixed when a stage starts and stored in its
-checkpoints: `data.host_shards`, or by default `default_shards` of the stage's batches (the largest count up to
-`MAX_DEFAULT_SHARDS` that divides every phase's global batch into whole groups of rows), a number fixed by the
-data and the batch, never by the process count. Shard k reads documents k::num_shards of every source
+checkpoints: `data.host_shards`, or by default `default_shards` of the stream's batches (the largest count up to
+`MAX_DEFAULT_SHARDS` that divides every global batch of the stream into whole groups of at least
+`MIN_DEFAULT_ROWS` rows), a number fixed by the data and the batch, never by the process count. Shard k reads documents k::num_shards of every source
 and yields `global_batch / num_shards` packed rows per step (`pipeline.make_train_iterator` with
 `process_index=k, process_count=num_shards`); the global batch is the shards' rows in shard order. Process p of
 P owns the contiguous shards [p*S/P, (p+1)*S/P) and reads only those: every process reads its own data, and the
@@ -42,16 +42,21 @@ def _check_split(num_shards: int, process_count: int, global_batch: int) -> None
 
 
 MAX_DEFAULT_SHARDS = 64  # the most processes a stage can be split among without setting data.host_shards
+MIN_DEFAULT_ROWS = 8  # rows per shard per step by default: a shard's mixture of sources is proportional over
+                      # its rows (grain's mix is deterministic), so one-row shards would make whole batches of
+                      # one source at a time
 
 
-def default_shards(global_batches: list[int], granule: int = 1) -> int:
-    """The default number of logical data shards of a stage: the largest count up to `MAX_DEFAULT_SHARDS` such
-    that every phase's global batch splits into that many equal parts of whole `granule`-row groups (a record's
-    rows, gradient-accumulation layouts: `StageKind.batch_granule`)."""
-    fits = [s for s in range(1, MAX_DEFAULT_SHARDS + 1) if all(b % (s * granule) == 0 for b in global_batches)]
-    if not fits:
+def default_shards(global_batches: list[int], granule: int = 1, min_rows: int = MIN_DEFAULT_ROWS) -> int:
+    """The default number of logical data shards of a data stream: the largest count up to `MAX_DEFAULT_SHARDS`
+    that splits every global batch of the stream into equal parts of whole `granule`-row groups (a record's
+    rows, gradient-accumulation layouts: `StageKind.batch_granule`) of at least `min_rows` rows; 1 when the
+    batches are too small to split."""
+    if any(b % granule for b in global_batches):
         raise ValueError(f"global batch(es) {global_batches} do not hold whole groups of {granule} rows")
-    return fits[-1]
+    fits = [s for s in range(1, MAX_DEFAULT_SHARDS + 1)
+            if all(b % (s * granule) == 0 and b // s >= min_rows for b in global_batches)]
+    return fits[-1] if fits else 1
 
 
 class ShardedTrainIterator:

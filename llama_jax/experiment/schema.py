@@ -133,6 +133,9 @@ class Stage:
     options: options_lib.StageOptions = options_lib.StageOptions()
     # the stage whose data stream this one continues (its own index unless option continue_data is set)
     stream_index: int = -1
+    # the global batches of every phase of every stage sharing this stage's data stream (they fix its default
+    # number of logical data shards, `data.hosts.default_shards`)
+    stream_batches: tuple[int, ...] = ()
 
     @property
     def schedule_steps(self) -> int:
@@ -349,7 +352,10 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
             stage = dataclasses.replace(stage, stream_index=stages[names.index(stage.previous)].stream_index)
         kind.check(stage)
         stages.append(stage)
-    return stages
+    streams: dict[int, list[int]] = {}
+    for stage in stages:
+        streams.setdefault(stage.stream_index, []).extend(p.global_batch for p in stage.phases)
+    return [dataclasses.replace(s, stream_batches=tuple(streams[s.stream_index])) for s in stages]
 
 
 def init_directory(init_from: str, init_stage: str = "") -> str:

@@ -149,16 +149,22 @@ def read_jsonl(path: str, kind: str, strict: bool = False) -> tuple[list[dict], 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} data {path!r} does not exist")
     parse, records, report = PARSERS[kind], [], ReadReport(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a bad byte is one malformed line, named, not a decode error for the file
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             report.total += 1
             try:
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8: byte {raw[e.start]:#04x} at column {e.start + 1}") from None
+                try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"bad JSON: {e.msg}") from None
+                except RecursionError:
+                    raise ValueError("bad JSON: nested too deeply") from None
                 records.append(parse(obj))
                 report.kept += 1
             except ValueError as e:

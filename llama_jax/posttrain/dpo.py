@@ -7,7 +7,7 @@ model log π_ref(y|x) of the chosen (w) and rejected (l) responses:
     L   = -log σ(r_w - r_l)
 
 `dpo_loss` is that formula, pure, averaged over pairs. Llama 3 (§4.1.4) adds, in the `dpo` stage kind
-(`llama_jax.posttrain.stages`): formatting tokens (headers, `<|eot_id|>`, `<|eom_id|>`) masked out of both
+(`llama_jax.stages.dpo`): formatting tokens (headers, `<|eot_id|>`, `<|eom_id|>`) masked out of both
 log-probabilities, an NLL term on the chosen response with coefficient 0.2 (`pair_losses`), β = 0.1.
 """
 

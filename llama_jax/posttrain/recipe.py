@@ -28,10 +28,12 @@ def dpo_stage(name: str, preferences: str, steps: int, seq_len: int, pairs: int,
                    steps=steps, kind="dpo", options=dict(preferences=preferences, **options))
 
 
-def reward_stage(name: str, preferences: str, steps: int, seq_len: int, records: int, lr: float = PAPER_SFT_LR,
+def reward_stage(name: str, preferences: str | list[str], steps: int, seq_len: int, records: int, lr: float = PAPER_SFT_LR,
                  **options) -> dict:
     return E.stage(name, [E.phase(seq_len, 3 * records)], E.optim(lr, 0, final_lr_ratio=0.1, weight_decay=0.0),
-                   steps=steps, kind="reward", options=dict(preferences=preferences, **options))
+                   steps=steps, kind="reward",
+                   options=dict(preferences=[preferences] if isinstance(preferences, str) else list(preferences),
+                                **options))
 
 
 def rejection_stage(name: str, prompts: str, seq_len: int, batch: int, **options) -> dict:

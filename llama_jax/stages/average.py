@@ -60,6 +60,9 @@ class Average(kind_lib.StageKind):
         norm = averaging.normalized_weights(self._weights(ctx), len(sources))
         return params, "the average of " + ", ".join(f"{w:.4g} x {s}" for s, w in zip(sources, norm))
 
+    def check_data(self, stage) -> None:
+        common.check_files(stage, (stage.options.eval_prompts, "prompt"))
+
     def evaluate(self, ctx, params, phase, step):
         o = ctx.stage.options
         return common.task_eval(ctx, params, o.eval_prompts, o.verifier, o.eval_max_new_tokens)

@@ -24,6 +24,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from llama_jax import workdir as workdir_lib
 from llama_jax.experiment.options import Spec, StageRef
@@ -71,14 +72,15 @@ def local_rows(ctx: kind_lib.StageContext, phase: int, roles: int) -> tuple[int,
 
 
 def example_iterator(ctx: kind_lib.StageContext, elements: list, batch: int, seed: int, collate=None):
-    """A checkpointable (grain) iterator over this data shard's `elements` (shard k of S reads elements k::S),
-    shuffled, repeated, batched, then `collate`d."""
+    """A checkpointable (grain) iterator over this data shard's part of `elements`: shard k of S reads elements
+    k, k + S, ... of their one shuffled, repeated stream, batched, then `collate`d."""
     shard, shards = data_shard(ctx)
-    elements = elements[shard::shards]
     if not elements:
-        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): no training examples for data shard "
-                         f"{shard} of {shards}")
-    ds = grain.MapDataset.source(elements).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
+        raise ValueError(f"stage {ctx.stage.name!r} ({ctx.stage.kind}): no training examples")
+    ds = grain.MapDataset.source(elements).shuffle(seed=seed).repeat()
+    if shards > 1:  # shard k: elements k, k + S, ... of the one shuffled, repeated stream (fewer examples than
+        ds = ds[shard::shards]  # shards is fine)
+    ds = ds.batch(batch, drop_remainder=True)
     if collate is not None:
         ds = ds.map(collate)
     # the rows are in memory already: read them on this thread (prefetch threads only cost start-up time)
@@ -135,20 +137,47 @@ def task_eval(ctx: kind_lib.StageContext, params, eval_prompts: Spec, verifier: 
     """{"task_accuracy": mean verifier score of greedy answers to `eval_prompts`}, or {} when not configured."""
     if not eval_prompts or not verifier:
         return {}
-    records, _ = data_lib.read_jsonl(resolve_path(ctx, eval_prompts), "prompt")
+    records, _ = read_records(ctx, eval_prompts, "prompt")
     acc = rejection.task_accuracy(ctx.stage.model, params, ctx.tokenizer, records,
                                   rejection.load_verifier(verifier), int(max_new_tokens))
     return {"task_accuracy": acc}
 
 
 def report(ctx: kind_lib.StageContext, read: data_lib.ReadReport, too_long: int) -> dict:
-    """A data file's read report plus the records dropped as too long; written as a text metric when any was
-    skipped or dropped."""
-    out = dict(read.to_json(), too_long=too_long)
+    """A data file's read report plus the records dropped as too long (the kind's DONE.json `data`); a warning
+    line and a text metric when any was skipped or dropped."""
+    out = dict(read.to_json(), too_long=too_long, used=read.kept - too_long)
     if read.skipped or too_long:
+        logging.warning("stage %r: %s: used %d of %d records (%d malformed, %d longer than the sequence length)",
+                        ctx.stage.name, read.path, read.kept - too_long, read.total, read.skipped, too_long)
         ctx.writer.write_text(0, f"{ctx.stage.name}/data", json.dumps(out))
     return out
 
 
-__all__ = ["Collate", "data_shard", "example_iterator", "host_batches", "local_rows", "report", "resolve_path",
+def read_records(ctx: kind_lib.StageContext, spec: Spec, kind: str) -> tuple[list[dict], data_lib.ReadReport]:
+    """The valid records of a data setting; when an earlier stage's file holds none, the error names the stage
+    that wrote it (e.g. a rejection-sampling round that formed no pairs)."""
+    path = resolve_path(ctx, spec)
+    try:
+        return data_lib.read_jsonl(path, kind)
+    except ValueError as e:
+        if isinstance(spec, StageRef):
+            raise ValueError(f"stage {ctx.stage.name!r}: {str(spec)!r}, written by stage {spec.stage!r}, holds "
+                             f"no usable {kind} record ({e}); see {spec.stage!r}'s DONE.json") from None
+        raise
+
+
+def check_files(stage, *specs_and_kinds) -> None:
+    """Reads each (spec, record kind) that is a path (files of earlier stages do not exist yet); errors name
+    the stage and the file."""
+    for spec, kind in specs_and_kinds:
+        for one in spec if isinstance(spec, tuple) else (spec,):
+            if one and not isinstance(one, StageRef):
+                try:
+                    data_lib.read_jsonl(one, kind)
+                except ValueError as e:
+                    raise ValueError(f"stage {stage.name!r} ({stage.kind}): {e}") from None
+
+
+__all__ = ["Collate", "check_files", "data_shard", "example_iterator", "host_batches", "local_rows", "read_records", "report", "resolve_path",
            "sequence_logps", "split_roles", "start_params", "task_eval"]

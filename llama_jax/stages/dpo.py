@@ -29,9 +29,9 @@ class DPO(PreferenceKind):
     def _logps_fn(self, ctx):
         return ctx.cached("logps_fn", lambda: jax.jit(lambda prm, b: common.sequence_logps(ctx.stage.model, prm, b)))
 
-    def examples(self, ctx, spec, seq_len: int) -> list[dict]:
+    def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
         """Pairs of rows with the frozen reference model's per-token log-probs (`ref_logps`)."""
-        records, report = data_lib.read_jsonl(common.resolve_path(ctx, spec), "preference")
+        records, report = self.read(ctx, spec)
         pairs, dropped = [], 0
         for r in records:
             enc = data_lib.encode_preference(ctx.tokenizer, r, seq_len, ctx.stage.options.truncation)
@@ -39,9 +39,11 @@ class DPO(PreferenceKind):
                 dropped += 1
                 continue
             pairs.append({role: data_lib.single_row(enc[role], seq_len) for role in self.ROLES})
-        common.report(ctx, report, dropped)
+        data = common.report(ctx, report, dropped)
+        if record:
+            ctx.cache["data"] = data
         if not pairs:
-            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {str(spec)!r} fits the sequence "
+            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
                              f"length {seq_len}")
         reference = ctx.cached("reference", lambda: common.start_params(ctx))
         fn = self._logps_fn(ctx)

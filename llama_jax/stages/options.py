@@ -114,7 +114,9 @@ class PreferenceOptions(TaskOptions):
 
 @dataclasses.dataclass(frozen=True)
 class RewardOptions(PreferenceOptions):
-    """`reward`: the preference settings only."""
+    """`reward`: the preference settings; `preferences` may list several files (mixed)."""
+
+    preferences: tuple[Spec, ...] = field(default=(), metadata={**REQUIRED, **FILE})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,15 +15,37 @@ class PreferenceKind(kind_lib.StageKind):
     def batch_granule(self, stage) -> int:
         return common.granule(stage, len(self.ROLES))
 
-    def examples(self, ctx, spec, seq_len: int) -> list[dict]:
-        """{role: row} per record of the preference file `spec` that fits `seq_len`."""
+    def check_data(self, stage) -> None:
+        o = stage.options
+        common.check_files(stage, (o.preferences, "preference"), (o.eval_preferences, "preference"),
+                           (o.eval_prompts, "prompt"))
+
+    def read(self, ctx, specs) -> tuple[list[dict], object]:
+        """The preference records of one setting or a list of them, with one read report over them."""
+        records, report = [], None
+        for spec in specs if isinstance(specs, tuple) else (specs,):
+            got, rep = common.read_records(ctx, spec, "preference")
+            records += got
+            report = rep if report is None else type(rep)(
+                f"{report.path},{rep.path}", report.total + rep.total, report.kept + rep.kept,
+                report.malformed + rep.malformed, report.examples + rep.examples)
+        return records, report
+
+    def finish(self, ctx, state):
+        if "data" not in ctx.cache:  # resumed at its end: the train data was not read in this process
+            self.examples(ctx, ctx.stage.options.preferences, ctx.stage.phases[-1].seq_len)
+        return {"data": ctx.cache["data"]}
+
+    def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
+        """{role: row} per record of the preference file(s) `spec` that fits `seq_len`; `record`: its data report
+        is the stage's DONE.json `data`."""
         raise NotImplementedError
 
     def train_iterator(self, ctx, phase, start_documents):
         p = ctx.stage.phases[phase]
         _, records = common.local_rows(ctx, phase, len(self.ROLES))
         spec = ctx.stage.options.preferences
-        examples = ctx.cached(("train", str(spec), p.seq_len), lambda: self.examples(ctx, spec, p.seq_len))
+        examples = ctx.cached(("train", spec, p.seq_len), lambda: self.examples(ctx, spec, p.seq_len))
         return common.example_iterator(ctx, examples, records, ctx.stage.iterator_seed() + phase,
                                        common.Collate(self.ROLES, ctx.stage.grad_accum))
 
@@ -31,7 +53,7 @@ class PreferenceKind(kind_lib.StageKind):
         """The first 256 records of eval_preferences (or preferences) at the phase's length."""
         o, p = ctx.stage.options, ctx.stage.phases[phase]
         spec = o.eval_preferences or o.preferences
-        return ctx.cached(("eval", str(spec), p.seq_len), lambda: self.examples(ctx, spec, p.seq_len)[:256])
+        return ctx.cached(("eval", spec, p.seq_len), lambda: self.examples(ctx, spec, p.seq_len, record=False)[:256])
 
 
 __all__ = ["PreferenceKind"]

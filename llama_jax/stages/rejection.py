@@ -36,13 +36,17 @@ class RejectionSampling(kind_lib.StageKind):
     trains = False
     Options = options_lib.RejectionOptions
 
+    def check_data(self, stage) -> None:
+        o = stage.options
+        common.check_files(stage, (o.prompts, "prompt"), (o.eval_prompts, "prompt"))
+
     def evaluate(self, ctx, params, phase, step):
         o = ctx.stage.options
         return common.task_eval(ctx, params, o.eval_prompts, o.task_verifier, o.eval_max_new_tokens)
 
     def finish(self, ctx, state):
         o = ctx.stage.options
-        records, report = data_lib.read_jsonl(common.resolve_path(ctx, o.prompts), "prompt")
+        records, report = common.read_records(ctx, o.prompts, "prompt")
         if o.sampler:
             cfg, params = load_model(ctx, o.sampler)
             reward_lib.check_vocabulary(cfg, ctx.stage.model, o.sampler)

@@ -22,8 +22,8 @@ class Reward(PreferenceKind):
     Options = options_lib.RewardOptions
     ROLES = ("chosen", "rejected", "edited")
 
-    def examples(self, ctx, spec, seq_len: int) -> list[dict]:
-        records, report = data_lib.read_jsonl(common.resolve_path(ctx, spec), "preference")
+    def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
+        records, report = self.read(ctx, spec)
         out, dropped = [], 0
         for r in records:
             enc = data_lib.encode_preference(ctx.tokenizer, r, seq_len - 1, ctx.stage.options.truncation)
@@ -34,9 +34,11 @@ class Reward(PreferenceKind):
                 {"inputs": enc[role]["tokens"], "targets": np.zeros_like(enc[role]["tokens"]),
                  "loss_mask": np.zeros_like(enc[role]["tokens"])} if role in enc else None, seq_len)
                 for role in self.ROLES})
-        common.report(ctx, report, dropped)
+        data = common.report(ctx, report, dropped)
+        if record:
+            ctx.cache["data"] = data
         if not out:
-            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {str(spec)!r} fits the sequence "
+            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
                              f"length {seq_len}")
         return out
 

@@ -25,11 +25,15 @@ class SFT(kind_lib.StageKind):
     def batch_granule(self, stage) -> int:
         return common.granule(stage, 1)
 
+    def check_data(self, stage) -> None:
+        o = stage.options
+        common.check_files(stage, (o.dialogs, "dialog"), (o.eval_dialogs, "dialog"), (o.eval_prompts, "prompt"))
+
     def read(self, ctx) -> tuple[list[dict], data_lib.ReadReport]:
         """Every dialog of the stage's files, with one read report over them."""
         records, report = [], None
         for spec in ctx.stage.options.dialogs:
-            got, rep = data_lib.read_jsonl(common.resolve_path(ctx, spec), "dialog")
+            got, rep = common.read_records(ctx, spec, "dialog")
             records += got
             report = rep if report is None else data_lib.ReadReport(
                 f"{report.path},{rep.path}", report.total + rep.total, report.kept + rep.kept,
@@ -49,11 +53,15 @@ class SFT(kind_lib.StageKind):
                              f"length {seq_len}")
         return data_lib.pack_rows(kept, seq_len), len(seqs) - len(kept)
 
+    def _train_rows(self, ctx, seq_len: int) -> list[dict]:
+        records, report = self.read(ctx)
+        rows, dropped = self.rows(ctx, records, seq_len, ctx.stage.iterator_seed())
+        ctx.cache["data"] = common.report(ctx, report, dropped)  # DONE.json's `data`
+        return rows
+
     def train_iterator(self, ctx, phase, start_documents):
         p = ctx.stage.phases[phase]
-        records, report = self.read(ctx)
-        rows, dropped = self.rows(ctx, records, p.seq_len, ctx.stage.iterator_seed())
-        common.report(ctx, report, dropped)
+        rows = ctx.cached(("train", p.seq_len), lambda: self._train_rows(ctx, p.seq_len))  # once for all shards
         local, _ = common.local_rows(ctx, phase, 1)
         return common.example_iterator(ctx, rows, local, ctx.stage.iterator_seed() + phase)
 
@@ -62,7 +70,7 @@ class SFT(kind_lib.StageKind):
         out = {}
         if o.eval_dialogs:
             p = ctx.stage.phases[phase]
-            records, _ = data_lib.read_jsonl(common.resolve_path(ctx, o.eval_dialogs), "dialog")
+            records, _ = common.read_records(ctx, o.eval_dialogs, "dialog")
             rows, _ = self.rows(ctx, records, p.seq_len, None)
             fn = ctx.eval_step(p.seq_len, p.global_batch)
             total = count = 0.0
@@ -75,8 +83,11 @@ class SFT(kind_lib.StageKind):
 
     def finish(self, ctx, state):
         o = ctx.stage.options
-        reports = [data_lib.read_jsonl(common.resolve_path(ctx, spec), "dialog")[1].to_json() for spec in o.dialogs]
-        out = {"data": reports[0] if len(reports) == 1 else reports}
+        if "data" not in ctx.cache:  # resumed at its end: the train data was not read in this process
+            records, report = self.read(ctx)
+            ctx.cache["data"] = common.report(ctx, report, self.rows(ctx, records, ctx.stage.phases[-1].seq_len,
+                                                                     None)[1])
+        out = {"data": ctx.cache["data"]}
         if ctx.stage.init_source != "scratch" and o.eval_prompts:
             start = common.task_eval(ctx, common.start_params(ctx), o.eval_prompts, o.verifier,
                                      o.eval_max_new_tokens)

@@ -16,14 +16,16 @@ Checksums: once a save is committed, process 0 writes `<step>/checksums.json` (a
 renamed into place) with the size and CRC-32 of every file of the checkpoint; a restore first verifies them
 (`verify_checkpoint`), so bytes flipped on disk after the save (bit rot, a bad copy) are reported as
 `CorruptCheckpointError` naming the file instead of restoring wrong numbers. The checksums of an async save are
-written when the save is next waited for (the next save, `wait()` or `close()`); a checkpoint without a
-checksum file (the process died in between, or an older run) restores unverified.
+written as soon as it commits (a watcher thread sees Orbax rename its temporary folder into place); a checkpoint
+without a checksum file (the process died between the commit and the checksums, or an older run) restores
+unverified.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -115,11 +117,12 @@ class StageCheckpoints:
 
     def __init__(self, directory: str, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self._unchecksummed: list[int] = []  # saved steps whose checksums are not written yet
+        self._lock = threading.Lock()
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
         self._manager = self._open()
-        self._unchecksummed: list[int] = []  # saved steps whose checksums are not written yet
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options,
@@ -140,19 +143,46 @@ class StageCheckpoints:
         if iterator is not None:
             items["data"] = ocp.args.JsonSave(_check_iterator(iterator).global_state())  # a collective: every process saves
         self.wait()  # the previous save is committed (Orbax would wait here too): write its checksums first
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-        if saved:
+        with self._lock:  # queued before the save starts: its commit callback writes its checksums
             self._unchecksummed.append(step)
-            if not self._options.enable_async_checkpointing:
-                self._write_checksums()
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if not saved:
+            with self._lock:
+                self._unchecksummed.remove(step)
+        elif not self._options.enable_async_checkpointing:
+            self._write_checksums()
+        elif jax.process_index() == 0:  # checksums as soon as the async save commits, not at the next wait
+            threading.Thread(target=self._checksum_on_commit, args=(step,), daemon=True,
+                             name=f"checksums-{step}").start()
         return saved
 
-    def _write_checksums(self) -> None:
-        for step in self._unchecksummed:
-            step_dir = os.path.join(self.directory, str(step))
-            if jax.process_index() == 0 and os.path.isdir(step_dir):
-                write_checksums(step_dir)
-        self._unchecksummed = []
+    def _checksum_on_commit(self, step: int) -> None:
+        """Waits for checkpoint `step` to commit (Orbax renames its temporary folder to `<step>` as the last act
+        of a save) and writes its checksums: the newest checkpoint, the one a crash-resume restores, is verified
+        too. Gives up quietly when the step leaves the pending list (a wait wrote them, or the save failed)."""
+        step_dir = os.path.join(self.directory, str(step))
+        while True:
+            with self._lock:
+                if step not in self._unchecksummed:
+                    return
+            if os.path.isdir(step_dir):
+                self._write_checksums(committed_only=True)
+                return
+            time.sleep(0.05)
+
+    def _write_checksums(self, committed_only: bool = False) -> None:
+        """Checksums of the saves not checksummed yet. After a wait every save has committed (a missing folder
+        is a failed save, dropped); `committed_only` keeps the saves still in flight pending."""
+        with self._lock:
+            pending, self._unchecksummed = self._unchecksummed, []
+            for step in pending:
+                step_dir = os.path.join(self.directory, str(step))
+                if not os.path.isdir(step_dir):
+                    if committed_only:
+                        self._unchecksummed.append(step)
+                    continue
+                if jax.process_index() == 0 and not os.path.exists(os.path.join(step_dir, CHECKSUM_FILE)):
+                    write_checksums(step_dir)
 
     def verify(self, step: int) -> bool:
         """`verify_checkpoint` of checkpoint `step` (raises `CorruptCheckpointError` when its bytes changed)."""

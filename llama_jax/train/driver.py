@@ -10,6 +10,7 @@ against the workdir, builds the mesh, rules and tokenizer, and runs each unfinis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from typing import Mapping
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from llama_jax import experiment
@@ -50,11 +52,20 @@ def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
 
 
 class Preemption:
-    """The SIGTERM flag, installed for the whole experiment (main thread only)."""
+    """The SIGTERM flag, installed for the whole experiment (main thread only), and its agreement across the
+    processes of a job: a SIGTERM may reach one host first, so every process asks `agreed()` at each step
+    boundary, and all of them save the same step and stop."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+
+    def agreed(self) -> bool:
+        """True on every process once any process received SIGTERM (a collective when there are several)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -84,17 +95,32 @@ def run_experiment(c: ml_collections.ConfigDict, workdir: str, kinds: Mapping[st
     kind_lib.check_table(kinds)
     experiment.prepare(c)
     stages = experiment.resolve(c, kinds)
-    by_name = {s.name: s for s in stages}
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir!r} exists and is not a directory")
     os.makedirs(workdir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lib.WorkdirLock(workdir))
+        return _run(c, workdir, kinds, stages, allow_config_change, start_over, stage_run)
+
+
+def _run(c, workdir: str, kinds, stages: list, allow_config_change: bool, start_over: bool, stage_run) -> dict:
+    """`run_experiment` once the workdir is this run's."""
+    by_name = {s.name: s for s in stages}
     config_current = _check_workdir_config(c, workdir, allow_config_change)
+    if not os.path.exists(workdir_lib.config_path(workdir)) and jax.process_index() == 0 and all(
+            workdir_lib.read_done(workdir, s.name) is not None for s in stages):
+        workdir_lib.write_config(workdir, c)  # a finished workdir that lost its config.json gets it back
+        config_current = True
     mesh = mesh_lib.make_mesh(c.mesh.to_dict())
     rules = rules_lib.get_rules(c.sharding_rules)
     tokenizer = load_tokenizer(c, workdir)
     logging.info("mesh %s, rules %s, %d devices (%s)", dict(mesh.shape), c.sharding_rules, jax.device_count(),
                  jax.devices()[0].device_kind)
+    for stage in stages:  # every unfinished stage's own data, before anything trains
+        if workdir_lib.read_done(workdir, stage.name) is None:
+            kinds[stage.kind].check_data(stage)
     results = {}
     with metrics_lib.MetricWriter(workdir) as writer, Preemption() as preemption:
         for stage in stages:
@@ -121,11 +147,27 @@ def _check_workdir_config(c, workdir: str, allow_config_change: bool) -> bool:
     except (ValueError, OSError) as e:
         raise ValueError(f"workdir {workdir!r}: {workdir_lib.CONFIG} is unreadable ({e})") from None
     differences = workdir_lib.config_differences(stored, c)
+    if differences and not _trained_anything(workdir, stored):
+        logging.warning("workdir %r: nothing was trained with its config.json yet (no stage has a checkpoint); it "
+                        "is replaced by this config (%s)", workdir, "; ".join(differences[:4]))
+        return False
     if differences and not allow_config_change:
         shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
         raise ValueError(f"the config differs from the one workdir {workdir!r} was trained with: {shown}. Use a "
                          "new workdir, or pass --allow_config_change to resume with it")
     return not differences and stored.to_json_best_effort(sort_keys=True) == c.to_json_best_effort(sort_keys=True)
+
+
+def _trained_anything(workdir: str, stored) -> bool:
+    """Whether any stage of the stored config has a checkpoint or finished (a first attempt that failed before
+    its first checkpoint, e.g. on bad data, trained nothing, and a corrected config may take its place)."""
+    from llama_jax.train import checkpoint as ckpt_lib  # noqa: PLC0415
+
+    names = [s["name"] for s in stored.get("stages", [])]
+    if os.path.isdir(os.path.join(workdir, workdir_lib.STAGES)):
+        names += os.listdir(os.path.join(workdir, workdir_lib.STAGES))
+    return any(ckpt_lib.list_steps(workdir_lib.checkpoints_dir(workdir, n))
+               or os.path.exists(workdir_lib.done_path(workdir, n)) for n in set(names))
 
 
 __all__ = ["Preempted", "Preemption", "load_tokenizer", "run_experiment"]

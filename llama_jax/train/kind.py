@@ -13,6 +13,9 @@ module plus one line in that table.
     Options                                its options (a frozen dataclass, `experiment.options`; parsed once
                                            by `parse_options`, read as `ctx.stage.options`)
     check(stage)                           checks that need the resolved stage (lengths, the model)
+    check_data(stage)                      reads the stage's own data files (content, not only existence);
+                                           the driver calls it for every unfinished stage before the first
+                                           one trains, so bad data stops a run before hours of earlier stages
     batch_granule(stage)                   rows of a step's batch that must come from one logical data shard
                                            (records of several rows, gradient-accumulation layouts); it bounds
                                            the default number of data shards (`data.hosts.default_shards`)
@@ -86,6 +89,9 @@ class StageKind:
 
     def check(self, stage: experiment.Stage) -> None:
         """Checks of the options that need the resolved stage; errors name the stage."""
+
+    def check_data(self, stage: experiment.Stage) -> None:
+        """Raises naming the file when one of the stage's own data files holds no valid record."""
 
     def batch_granule(self, stage: experiment.Stage) -> int:
         """Rows that must stay in one logical data shard (1: any split of the rows works)."""

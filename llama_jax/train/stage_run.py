@@ -47,8 +47,20 @@ from llama_jax.train.stream import StageState, StageStream
 _PROGRESS_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu")
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "preempted, checkpoint saved: run the same command again" (SLURM requeue)
+
+
 class Preempted(SystemExit):
-    """Raised after a SIGTERM: the stage's checkpoint (or its DONE.json) was written."""
+    """Raised after a SIGTERM: the stage's checkpoint (or its DONE.json) was written. The process exits with
+    `EXIT_PREEMPTED`, which a scheduler tells apart from a failure (status 1 or 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+        logging.warning("%s", message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ShapeMismatch(ValueError):
@@ -158,12 +170,14 @@ class StageRun:
         `start_over`), then the kind's initial parameters, the previous stage, init_from, scratch."""
         self.abstract = step_lib.abstract_train_state(self.stage.model, self.stage.optim, self.mesh, self.rules)
         self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
-        step, restored, failures = ckpt_lib.first_restorable(self.ckpts.directory, self.ckpts.all_steps(),
-                                                             self._restore, keep=(ShapeMismatch,))
+        steps = [s for s in self.ckpts.all_steps() if s <= self.stage.total_steps]  # not a kind's outputs after them
+        step, restored, failures = ckpt_lib.first_restorable(self.ckpts.directory, steps, self._restore,
+                                                             keep=(ShapeMismatch,))
         if step is not None:
             for bad, _ in failures:
                 self.ckpts.quarantine(bad)
             logging.info("stage %r: resumed from its checkpoint at step %d", self.name, step)
+            self.writer.drop_after(step, self.name)  # the steps after it are trained (and logged) again
             return step, *restored
         if failures:
             listed = "; ".join(f"{self.ckpts.directory}/{s}: {why}" for s, why in failures)
@@ -265,13 +279,21 @@ class StageRun:
         self.monitor.reset()
         return target, state, restored
 
-    def periodic(self, step: int, state, info: StageState) -> None:
-        """Checkpoint, preemption and evaluation after step `step` was dispatched."""
-        if due(step, int(self.c.checkpoint.every_steps)) or step == self.total_steps or self.preemption.requested:
+    def save_due(self, step: int) -> bool:
+        """Whether step `step` ends with a checkpoint: periodic, the stage's last, or a preemption all
+        processes agreed on (`Preemption.agreed`, a collective on a multi-process job)."""
+        self._preempt = self.preemption.agreed()
+        return due(step, int(self.c.checkpoint.every_steps)) or step == self.total_steps or self._preempt
+
+    def periodic(self, step: int, state, info: StageState, save: bool) -> None:
+        """Checkpoint, preemption and evaluation after step `step` was dispatched (and, when `save`, its metrics
+        written: a kill right after the checkpoint loses no metrics row)."""
+        if save:
             self.save(step, state, dataclasses.replace(info), force=True)
-        if self.preemption.requested:
+        if self._preempt:
             self.ckpts.wait()
-            raise Preempted(f"SIGTERM: checkpoint saved at step {step} of stage {self.name!r}")
+            raise Preempted(f"SIGTERM: checkpoint saved at step {step} of stage {self.name!r}; run the same "
+                            f"command again to resume (exit status {EXIT_PREEMPTED})")
         if int(self.c.eval.batches) and due(step, int(self.c.eval.every_steps)) and step < self.total_steps:
             self.evaluate(state, step)
 
@@ -292,7 +314,7 @@ class StageRun:
         if jax.process_index() == 0:
             workdir_lib.write_json_atomic(workdir_lib.done_path(self.workdir, self.name), final)
         logging.info("stage %r finished: %s", self.name, {k: v for k, v in final.items() if k != "samples"})
-        if self.preemption.requested:
+        if self.preemption.agreed():  # a collective: every process stops here, or none does
             raise Preempted(f"SIGTERM during the end of stage {self.name!r}: the stage is finished and recorded; "
                             "stopping before the next stage")
         return final
@@ -321,6 +343,7 @@ class StageRun:
         self._progress = metrics_lib.Progress(self.total_steps, start_step=step, desc=self.name)
         self._throughput: dict[int, metrics_lib.Throughput] = {}
         self._last_done = -math.inf  # when the host last saw a step's metrics (observe)
+        self._preempt = False
         pending = None  # (step, phase, metrics, t_dispatch) of the step in flight
         while step < self.total_steps or pending is not None:
             current = None
@@ -333,17 +356,24 @@ class StageRun:
                 step += 1
                 info.tokens += int(np.prod(batch_np["inputs"].shape)) * jax.process_count()
                 current = (step, self.stream.phase, metrics, t0)
-            if pending is not None:  # pipelined: the previous step's metrics, fetched after this dispatch
-                self.observe(pending, current[3] if current else None, info)
+            save = current is not None and self.save_due(step)
+            # pipelined: the previous step's metrics, fetched after this dispatch; before a checkpoint, this
+            # step's too, so that the metrics of every checkpointed step are written before its checkpoint
+            for observed in [p for p in (pending, current if save else None) if p is not None]:
+                self.observe(observed, current[3] if current is not None and observed is pending else None, info)
                 first_bad = self.monitor.rollback_from()
                 if first_bad is not None:
-                    jax.block_until_ready(state)
-                    step, state, info = self.rollback(first_bad, step, info)
-                    pending = None
-                    continue
-            pending = current
+                    break
+            else:
+                first_bad = None
+            if first_bad is not None:
+                jax.block_until_ready(state)
+                step, state, info = self.rollback(first_bad, step, info)
+                pending = None
+                continue
+            pending = None if save else current
             if current is not None:
-                self.periodic(step, state, info)
+                self.periodic(step, state, info, save)
         return step, state, info
 
     def _log_batch(self, step: int, batch_np) -> None:

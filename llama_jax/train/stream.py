@@ -60,12 +60,12 @@ class StageStream:
         self.consumed: dict[int, list[int]] = {}  # local shard -> per source: last document used (-1 = none)
 
     def default_shards(self) -> int:
-        """`data.host_shards`, or `hosts.default_shards` of the stage's phases: fixed by the data and the batch,
-        not by the process count, so any process count that divides it trains the same run."""
+        """`data.host_shards`, or `hosts.default_shards` of the global batches of every stage that shares this
+        stream (`Stage.stream_batches`): fixed by the data and the batches, not by the process count, so any
+        process count that divides it trains the same run, and a stage that continues the stream can too."""
         configured = int(self.ctx.data_cfg.get("host_shards", 0) or 0)
         stage = self.ctx.stage
-        return configured or hosts.default_shards([p.global_batch for p in stage.phases],
-                                                  self.kind.batch_granule(stage))
+        return configured or hosts.default_shards(list(stage.stream_batches), self.kind.batch_granule(stage))
 
     def open(self, phase: int, num_shards: int, start: list[list[int]] | None = None,
              consumed: list[list[int]] | None = None) -> hosts.ShardedTrainIterator:

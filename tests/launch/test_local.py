@@ -1,9 +1,12 @@
-"""launch/local.py with real processes: 2 processes x 4 CPU devices (gloo collectives) train exactly like
-1 process x 8 devices; killing one process stops the whole job, and a rerun through the launcher on a different
-process count (1 x 8) resumes from the 2-process checkpoint and reaches the uninterrupted run's parameters.
+"""launch/local.py with real processes and default flags (the data's shard count is fixed by the batch, not
+by the process count): 2 processes x 4 CPU devices and 4 x 2 (gloo collectives) train exactly like 1 process x 8
+devices; killing one process stops the whole job, and a rerun through the launcher on a different process count
+(1 x 8) resumes from the 2-process checkpoint and reaches the uninterrupted run's parameters; a SIGTERM that
+reaches one process of four stops all four at the same saved step with the "preempted" status, and the rerun
+ends at the uninterrupted run's parameters; SIGKILL of the launcher takes its processes with it.
 
-One 2-process run serves both claims (it is killed after its second checkpoint), so the module starts one
-multi-process job and one single-process job besides the in-process reference."""
+One 2-process run serves the first claims (it is killed after its second checkpoint), so the module starts two
+multi-process jobs and two reruns besides the in-process reference."""
 
 import os
 import pathlib
@@ -24,12 +27,12 @@ from llama_jax.train import metrics as metrics_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 8
-ARG = f"tiny,steps={STEPS},batch=8,seq_len=32,warmup=2,layers=2"
+ARG = f"tiny,steps={STEPS},batch=32,seq_len=32,warmup=2,layers=2"  # 4 data shards by default (8 rows each)
 TIMEOUT_S = 240  # a bound on each multi-process run (compilation included), never a performance check
 
 
 def _overrides(embedded_data_cache: str) -> dict:
-    return {"data.cache_dir": embedded_data_cache, "data.host_shards": 2, "checkpoint.every_steps": 2,
+    return {"data.cache_dir": embedded_data_cache, "checkpoint.every_steps": 2,
             "checkpoint.async_save": False, "eval.batches": 0, "eval.every_steps": 0,
             "sample.max_new_tokens": 0, "log_every_steps": 1}
 
@@ -97,6 +100,15 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status may wait for a reaper that this sandbox lacks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _stop(proc: subprocess.Popen, pids: dict) -> None:
@@ -183,3 +195,78 @@ def test_a_rerun_on_one_process_resumes_the_two_process_checkpoint(killed_run, r
     np.testing.assert_allclose([losses[s] for s in range(saved + 1, STEPS + 1)],
                                [ref_losses[s] for s in range(saved + 1, STEPS + 1)], rtol=1e-5)
     _assert_params_close(_params(workdir), ref_params)
+
+
+def _start(cmd) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    return proc, out, reader
+
+
+def _pids(out: list[str], processes: int, proc, deadline: float) -> dict[int, int]:
+    pids: dict[int, int] = {}
+    while len(pids) < processes and proc.poll() is None and time.monotonic() < deadline:
+        for line in list(out):
+            m = re.match(r"\[launch\] process (\d+)/\d+: pid (\d+)", line)
+            if m:
+                pids[int(m.group(1))] = int(m.group(2))
+        time.sleep(0.02)
+    return pids
+
+
+def test_sigterm_to_one_of_four_processes_stops_all_at_one_saved_step(embedded_data_cache, tmp_path, reference):
+    """The preemption flag is agreed across processes: all four save the same step and exit 75."""
+    workdir = tmp_path / "run"
+    ckpts = workdir / "stages" / "pretrain" / "checkpoints"
+    cmd = _launch_cmd(workdir, embedded_data_cache, processes=4, devices=2, **{"checkpoint.every_steps": 100})
+    proc, out, reader = _start(cmd)
+    pids: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        pids = _pids(out, 4, proc, deadline)
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and max(_losses(workdir), default=0) >= 2) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and len(pids) == 4, "the run ended early:\n" + "".join(out)[-3000:]
+        os.kill(pids[2], signal.SIGTERM)  # one host first
+        proc.wait(timeout=TIMEOUT_S)
+    finally:
+        _stop(proc, pids)
+    reader.join(timeout=10)
+    text = "".join(out)
+    assert proc.returncode == 75, text[-3000:]
+    assert "[launch] job preempted, checkpoint saved (status 75)" in text
+    saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert saved[0] == 0 and 2 <= saved[-1] < STEPS and len(saved) == 2, saved  # one step, saved by all
+    said = {int(m.group(1)) for m in re.finditer(r"\[(\d)\] .*SIGTERM: checkpoint saved at step (\d+)", text)}
+    assert said == {0, 1, 2, 3}, text[-3000:]  # every process stopped at the agreed step
+    rerun = subprocess.run(_launch_cmd(workdir, embedded_data_cache, processes=4, devices=2,
+                                       **{"checkpoint.every_steps": 100}),
+                           env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert rerun.returncode == 0, rerun.stdout[-4000:]
+    ref_losses, ref_params = reference
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # each step once: the resumed steps are not duplicated
+    np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)], [ref_losses[s] for s in range(1, STEPS + 1)],
+                               rtol=1e-5)
+    _assert_params_close(_params(workdir), ref_params)
+
+
+def test_the_processes_die_with_the_launcher(embedded_data_cache, tmp_path):
+    cmd = _launch_cmd(tmp_path / "run", embedded_data_cache)
+    proc, out, reader = _start(cmd)
+    pids = _pids(out, 2, proc, time.monotonic() + TIMEOUT_S)
+    try:
+        assert len(pids) == 2 and all(_alive(p) for p in pids.values()), "".join(out)[-3000:]
+        proc.kill()  # SIGKILL: the launcher cannot stop anything itself
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(p) for p in pids.values())
+    finally:
+        _stop(proc, pids)
+    reader.join(timeout=10)

@@ -110,10 +110,10 @@ def test_resume_inside_a_long_context_stage_is_exact(data_cache, tmp_path, monke
 
     original = stage_run.StageRun.periodic
 
-    def crash_at_3(self, step, state, info):
+    def crash_at_3(self, step, state, info, *args):
         if self.name == "long" and step == 3:
             raise KeyboardInterrupt("simulated kill after step 3")
-        return original(self, step, state, info)
+        return original(self, step, state, info, *args)
 
     monkeypatch.setattr(stage_run.StageRun, "periodic", crash_at_3)
     with pytest.raises(KeyboardInterrupt):

@@ -117,13 +117,16 @@ def _assert_same_as_reference(workdir, reference_run):
 
 
 def test_sigkill_mid_stage_then_resume_is_bitwise_identical(data_cache, tmp_path, reference_run):
-    proc = subprocess.Popen(_main_cmd(tmp_path, data_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = _main_cmd(tmp_path, data_cache, "--config.log_every_steps=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(tmp_path / "stages/pretrain/checkpoints/4", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "stages/pretrain/DONE.json").exists()
-    subprocess.run(_main_cmd(tmp_path, data_cache), check=True, capture_output=True, timeout=600)
+    assert 4 in _logged_steps(tmp_path)  # the metrics row of step 4 was written before its checkpoint
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     _assert_same_as_reference(tmp_path, reference_run)
+    assert _logged_steps(tmp_path) == list(range(1, 13))  # a resumed run writes no step twice
 
 
 def test_sigkill_before_the_first_periodic_checkpoint_resumes_from_step_0_bitwise(data_cache, tmp_path,
@@ -141,17 +144,24 @@ def test_sigkill_before_the_first_periodic_checkpoint_resumes_from_step_0_bitwis
     _assert_same_as_reference(tmp_path, reference_run)
 
 
+def _logged_steps(workdir) -> list[int]:
+    return [m["step"] for m in map(json.loads, open(workdir / "metrics.jsonl")) if "pretrain/train/loss" in m]
+
+
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_identical(data_cache, tmp_path, reference_run):
-    cmd = _main_cmd(tmp_path, data_cache, "--config.checkpoint.every_steps=100")
+    cmd = _main_cmd(tmp_path, data_cache, "--config.checkpoint.every_steps=100", "--config.log_every_steps=1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "stages/pretrain/batches.jsonl", proc, lines=3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "SIGTERM: checkpoint saved at step" in err, err[-2000:]
+    # exit status 75: "preempted, checkpoint saved", which a scheduler tells apart from a failure
+    assert proc.returncode == stage_run.EXIT_PREEMPTED and "SIGTERM: checkpoint saved at step" in err, err[-2000:]
     steps = sorted(int(p.name) for p in (tmp_path / "stages/pretrain/checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] >= 3 and steps[-1] < 12  # saved at the step boundary where the signal was seen
+    assert _logged_steps(tmp_path)[-1] == steps[-1]  # the checkpointed step's metrics row was written first
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     _assert_same_as_reference(tmp_path, reference_run)
+    assert _logged_steps(tmp_path) == list(range(1, 13))  # every step once, the resumed ones included
 
 
 def test_init_from_starts_from_another_runs_parameters(data_cache, tmp_path, reference_run):

@@ -86,6 +86,34 @@ class MetricWriter:
             self._tb.flush()
         self._append({"step": step, tag: str(text)})
 
+    def drop_after(self, step: int, prefix: str) -> None:
+        """Removes the JSON-lines rows of `prefix` (a stage name) with a step after `step`: a stage resumed from
+        its checkpoint at `step` writes those steps again, so a resumed run never holds a step twice. The file
+        is rewritten atomically (a temporary file renamed into place)."""
+        if not self.active or self._file is None:
+            return
+        self._file.close()
+        keep, dropped = [], 0
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    keep.append(line)
+                    continue
+                if int(record.get("step", -1)) > step and any(k.startswith(prefix + "/") for k in record):
+                    dropped += 1
+                else:
+                    keep.append(line)
+        if dropped:
+            tmp = self.jsonl_path + f".tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.jsonl_path)
+            logging.info("%s: dropped %d rows of %s after step %d (the resumed stage writes them again)",
+                         self.jsonl_path, dropped, prefix, step)
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
