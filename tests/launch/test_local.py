@@ -83,14 +83,18 @@ def reference(embedded_data_cache, tmp_path_factory):
     return _losses(workdir), _params(workdir)
 
 
+PEAK_LR = 3e-3  # experiments/pretrain.py:tiny's learning rate (ARG leaves it)
+
+
 def _assert_params_close(actual, expected):
     """Equal up to the summation order of the all-reduce: gloo across processes vs XLA within one. Adam turns a
-    near-zero gradient into an update of about the learning rate whatever its size, so a handful of weights
-    may differ by ~1e-5 after a few steps; every other weight agrees to 1e-6."""
+    near-zero gradient into an update of about the learning rate whatever its size (u = g / (|g| + eps)), so
+    the entries whose gradient is at round-off level may differ by up to 2 x lr per step, bounded by
+    2 x STEPS x PEAK_LR; at most one entry in 10,000 may differ by more than 1e-6."""
     expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     for path, a in jax.tree_util.tree_flatten_with_path(actual)[0]:
         e = expected[path]
-        np.testing.assert_allclose(a, e, rtol=0, atol=3e-5, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(a, e, rtol=0, atol=2 * STEPS * PEAK_LR, err_msg=jax.tree_util.keystr(path))
         assert np.mean(np.abs(a - e) > 1e-6) < 1e-4, jax.tree_util.keystr(path)
 
 
