@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 from typing import Any, Callable, NoReturn
 
 from absl import app, flags, logging
@@ -20,10 +21,16 @@ USER_ERRORS = (ValueError, KeyError, OSError, pickle.UnpicklingError)
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of checkpointing internals (every rename and thread hand-off); keeps warnings."""
+    """Drops INFO chatter of checkpointing internals (every rename and thread hand-off), and the tracebacks
+    Orbax's background threads log when a save fails (the failure reaches the run as one error line); keeps
+    other warnings."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno >= std_logging.ERROR and record.exc_info:
+            return False
+        return record.levelno >= std_logging.WARNING
 
 
 def _one_line(e: BaseException) -> str:
@@ -72,6 +79,12 @@ _MISSING = re.compile(r"Flag (--\S+) must have a value other than None\.")
 
 def _exit_with_error(message: str) -> NoReturn:
     print(f"llama_jax: error: {message}", file=sys.stderr)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # A failed run has nothing left to wait for: background threads (a failed async checkpoint's) would hold
+        # the exit for minutes.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 

@@ -41,6 +41,19 @@ CHECKSUM_FILE = "checksums.json"
 _CHUNK = 16 * 1024 * 1024
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, unwritable folder): the run stops at once."""
+
+
+def _reason(e: BaseException) -> str:
+    """Why a save failed, in a few words: the OS error when TensorStore names one, else the error's first line."""
+    text = first_line(e, limit=2000)
+    for code, words in ((28, "no space left on device"), (13, "permission denied"), (30, "read-only file system")):
+        if f"os_error_code='{code}'" in text or f"[Errno {code}]" in text:
+            return words
+    return text[:300]
+
+
 class CorruptCheckpointError(ValueError):
     """A committed checkpoint whose files no longer match the checksums written with it (or are missing)."""
 
@@ -119,6 +132,7 @@ class StageCheckpoints:
         self.directory = os.path.abspath(directory)
         self._unchecksummed: list[int] = []  # saved steps whose checksums are not written yet
         self._lock = threading.Lock()
+        self._failed = False  # a save failed (`wait` raised CheckpointSaveError)
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
@@ -192,7 +206,16 @@ class StageCheckpoints:
         self._manager.delete(step)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until the last save is committed; a save that failed (full disk, unwritable folder) is a
+        `CheckpointSaveError` naming the step and the folder."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises its background thread's error as it was
+            with self._lock:
+                failed, self._unchecksummed = list(self._unchecksummed), []
+            self._failed = True
+            raise CheckpointSaveError(f"checkpoint step {', '.join(map(str, failed)) or '?'} could not be saved in "
+                                      f"{self.directory}: {_reason(e)}") from e
         self._write_checksums()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> tuple[Any, dict]:
@@ -245,6 +268,8 @@ class StageCheckpoints:
         self._manager = self._open()
 
     def close(self) -> None:
+        if self._failed:  # after a failed save the manager's threads are broken: closing it only adds tracebacks
+            return
         self.wait()
         self._manager.close()
 

@@ -6,6 +6,8 @@ in one line."""
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from llama_jax import workdir as workdir_lib
 from llama_jax.stages import KINDS
 from llama_jax.train import checkpoint as ckpt_lib
 from llama_jax.train import driver
-from tests.train.helpers import pretrain_config
+from tests.train.helpers import REPO, pretrain_config
 from tests.train.test_checkpoint import _state
 
 SMALL = "tiny,steps=2,batch=8,seq_len=32,warmup=1,layers=1"
@@ -133,3 +135,35 @@ def test_bad_optimizer_settings_are_refused_when_resolved(data_cache, optim, mes
     c.stages[0]["optim"].update(optim)
     with pytest.raises(ValueError, match=rf"stage 'pretrain': optim needs .*{message}"):
         E.resolve(c, KINDS)
+
+
+def test_a_failed_async_save_is_one_error_and_the_run_exits_at_once(tmp_path, monkeypatch):
+    ck = ckpt_lib.StageCheckpoints(str(tmp_path / "ck"), async_save=True)
+    ck.save(4, _state(4.0), None, {"phase": 0})
+    ck.wait()
+    real = type(ck._manager).wait_until_finished
+
+    def full_disk(self):
+        real(self)
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"params.w/0.0\" in OCDBT database ... Failed to write "
+                         "11821056 bytes to file 9: No space left on device [os_error_code='28']")
+
+    ck.save(8, _state(8.0), None, {"phase": 0})
+    monkeypatch.setattr(type(ck._manager), "wait_until_finished", full_disk)  # the save in flight fails
+    with pytest.raises(ckpt_lib.CheckpointSaveError,
+                       match=r"^checkpoint step 8 could not be saved in .*/ck: no space left on device$"):
+        ck.wait()
+    ck.close()  # after a failed save: returns, no second error
+
+    # the entry point prints one line and exits at once, although a background thread would hold the exit
+    code = ("import threading, time\n"
+            "from llama_jax import cli\n"
+            "def main():\n"
+            "    threading.Thread(target=time.sleep, args=(600,)).start()\n"
+            "    raise OSError(28, 'No space left on device')\n"
+            "cli.run(main)\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and out.stderr.strip() == "llama_jax: error: No space left on device", out.stderr
+    assert time.monotonic() - started < 60
