@@ -64,8 +64,8 @@ class Average(kind_lib.StageKind):
         common.check_files(stage, (stage.options.eval_prompts, "prompt"))
 
     def evaluate(self, ctx, params, phase, step):
-        o = ctx.stage.options
-        return common.task_eval(ctx, params, o.eval_prompts, o.verifier, o.eval_max_new_tokens)
+        options = ctx.stage.options
+        return common.task_eval(ctx, params, options.eval_prompts, options.verifier, options.eval_max_new_tokens)
 
     def finish(self, ctx, state):
         sources = ctx.stage.options.sources

@@ -55,19 +55,19 @@ class DPO(PreferenceKind):
         return pairs
 
     def loss_fn(self, ctx):
-        cfg, o = ctx.stage.model, ctx.stage.options
+        cfg, options = ctx.stage.model, ctx.stage.options
 
         def loss(params, batch):
             logps, counts, _ = common.sequence_logps(cfg, params, batch)
             ref = jnp.sum(batch["ref_logps"] * batch["loss_mask"].astype(jnp.float32), axis=1)
             (pc, pr), (rc, rr), (nc, _) = (common.split_roles(x, 2) for x in (logps, ref, counts))
             nll = -pc / jnp.maximum(nc, 1.0)  # per-token NLL of each chosen response
-            losses = dpo_lib.pair_losses(pc, pr, rc, rr, nll, o.beta, o.nll_coef)
+            losses = dpo_lib.pair_losses(pc, pr, rc, rr, nll, options.beta, options.nll_coef)
             return jnp.sum(losses), jnp.float32(pc.shape[0])
         return loss
 
     def evaluate(self, ctx, params, phase, step):
-        o = ctx.stage.options
+        options = ctx.stage.options
         pairs = self.eval_examples(ctx, phase)
         fn = self._logps_fn(ctx)
         logps = {}
@@ -79,12 +79,12 @@ class DPO(PreferenceKind):
                 ref.append(np.sum(ref_b, axis=1)[:n])
             logps[role] = (np.concatenate(pol), np.concatenate(ref))
         loss, m = dpo_lib.dpo_loss(logps["chosen"][0], logps["rejected"][0], logps["chosen"][1],
-                                   logps["rejected"][1], o.beta)
+                                   logps["rejected"][1], options.beta)
         out = {"dpo_loss": float(loss), "reward_accuracy": float(m["reward_accuracy"]),
                "chosen_reward": float(np.mean(m["chosen_rewards"])),
                "rejected_reward": float(np.mean(m["rejected_rewards"])),
                "reward_margin": float(np.mean(m["chosen_rewards"] - m["rejected_rewards"]))}
-        out.update(common.task_eval(ctx, params, o.eval_prompts, o.verifier, o.eval_max_new_tokens))
+        out.update(common.task_eval(ctx, params, options.eval_prompts, options.verifier, options.eval_max_new_tokens))
         return out
 
 

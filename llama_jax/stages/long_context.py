@@ -42,20 +42,20 @@ class LongContext(Pretrain):
     Options = options_lib.LongContextOptions
 
     def check(self, stage) -> None:
-        o = stage.options
+        options = stage.options
         final_len = stage.phases[-1].seq_len
-        if o.short_seq_len <= 0 or o.short_seq_len > final_len:
-            raise ValueError(f"stage {stage.name!r}: options.short_seq_len={o.short_seq_len} must be in "
+        if options.short_seq_len <= 0 or options.short_seq_len > final_len:
+            raise ValueError(f"stage {stage.name!r}: options.short_seq_len={options.short_seq_len} must be in "
                              f"[1, {final_len}] (the stage's length)")
-        for n in o.needle_lengths or (final_len,):
+        for n in options.needle_lengths or (final_len,):
             if n > stage.model.max_seq_len:
                 raise ValueError(f"stage {stage.name!r}: needle length {n} exceeds the model's max_seq_len "
                                  f"{stage.model.max_seq_len}")
 
     def gates(self, ctx, params) -> dict:
         """Measures both gates; returns the report (gate -> value, threshold, passed) plus the needle table."""
-        st, o = ctx.stage, ctx.stage.options
-        short = o.short_seq_len
+        st, options = ctx.stage, ctx.stage.options
+        short = options.short_seq_len
         last = st.phases[-1]
         batch = int(ctx.config.eval.global_batch) or max(last.tokens_per_step // short, 1)
         short_loss, _ = eval_loss(ctx, params, short, batch, max(int(ctx.config.eval.batches), 1))
@@ -69,17 +69,17 @@ class LongContext(Pretrain):
                 raise ValueError(f"stage {st.name!r}: previous stage {st.previous!r} recorded no validation loss at "
                                  f"short_seq_len={short} (its DONE.json has no short_loss / eval_loss there)")
             value = short_loss - float(ref)
-            report["gate_short_loss"] = {"value": value, "threshold": o.short_tolerance, "reference": float(ref),
-                                         "passed": value <= o.short_tolerance}
+            report["gate_short_loss"] = {"value": value, "threshold": options.short_tolerance, "reference": float(ref),
+                                         "passed": value <= options.short_tolerance}
         from llama_jax.infer import needle  # noqa: PLC0415 - evaluation only at stage end
 
-        lengths = o.needle_lengths or (last.seq_len,)
+        lengths = options.needle_lengths or (last.seq_len,)
         tok = ctx.tokenizer
         result = needle.evaluate(st.model.replace(remat="none"), jax.device_get(params), tok.encode,
-                                 tok.bos_id, lengths, o.needle_depths, trials=o.needle_trials, seed=st.seed)
+                                 tok.bos_id, lengths, options.needle_depths, trials=options.needle_trials, seed=st.seed)
         acc = result.mean(lengths[-1])
         report["needle"] = result.to_json()
-        report["gate_needle"] = {"value": acc, "threshold": o.needle_threshold, "passed": acc >= o.needle_threshold}
+        report["gate_needle"] = {"value": acc, "threshold": options.needle_threshold, "passed": acc >= options.needle_threshold}
         stage_dir = workdir_lib.stage_dir(ctx.workdir, st.name)
         if jax.process_index() == 0:
             os.makedirs(stage_dir, exist_ok=True)

@@ -16,9 +16,9 @@ class PreferenceKind(kind_lib.StageKind):
         return common.granule(stage, len(self.ROLES))
 
     def check_data(self, stage) -> None:
-        o = stage.options
-        common.check_files(stage, (o.preferences, "preference"), (o.eval_preferences, "preference"),
-                           (o.eval_prompts, "prompt"))
+        options = stage.options
+        common.check_files(stage, (options.preferences, "preference"), (options.eval_preferences, "preference"),
+                           (options.eval_prompts, "prompt"))
 
     def read(self, ctx, specs) -> tuple[list[dict], object]:
         """The preference records of one setting or a list of them, with one read report over them."""
@@ -51,8 +51,8 @@ class PreferenceKind(kind_lib.StageKind):
 
     def eval_examples(self, ctx, phase: int) -> list[dict]:
         """The first 256 records of eval_preferences (or preferences) at the phase's length."""
-        o, p = ctx.stage.options, ctx.stage.phases[phase]
-        spec = o.eval_preferences or o.preferences
+        options, p = ctx.stage.options, ctx.stage.phases[phase]
+        spec = options.eval_preferences or options.preferences
         return ctx.cached(("eval", spec, p.seq_len), lambda: self.examples(ctx, spec, p.seq_len, record=False)[:256])
 
 

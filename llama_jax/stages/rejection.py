@@ -37,33 +37,33 @@ class RejectionSampling(kind_lib.StageKind):
     Options = options_lib.RejectionOptions
 
     def check_data(self, stage) -> None:
-        o = stage.options
-        common.check_files(stage, (o.prompts, "prompt"), (o.eval_prompts, "prompt"))
+        options = stage.options
+        common.check_files(stage, (options.prompts, "prompt"), (options.eval_prompts, "prompt"))
 
     def evaluate(self, ctx, params, phase, step):
-        o = ctx.stage.options
-        return common.task_eval(ctx, params, o.eval_prompts, o.task_verifier, o.eval_max_new_tokens)
+        options = ctx.stage.options
+        return common.task_eval(ctx, params, options.eval_prompts, options.task_verifier, options.eval_max_new_tokens)
 
     def finish(self, ctx, state):
-        o = ctx.stage.options
-        records, report = common.read_records(ctx, o.prompts, "prompt")
-        if o.sampler:
-            cfg, params = load_model(ctx, o.sampler)
-            reward_lib.check_vocabulary(cfg, ctx.stage.model, o.sampler)
+        options = ctx.stage.options
+        records, report = common.read_records(ctx, options.prompts, "prompt")
+        if options.sampler:
+            cfg, params = load_model(ctx, options.sampler)
+            reward_lib.check_vocabulary(cfg, ctx.stage.model, options.sampler)
         else:
             cfg, params = ctx.stage.model, state.params
-        responses = rejection.sample_responses(cfg, params, ctx.tokenizer, [r["prompt"] for r in records], o.k,
-                                               o.max_new_tokens, o.temperature, o.top_p,
-                                               seed=ctx.stage.iterator_seed(), batch_size=o.batch_size)
-        if o.scorer == "verifier":
-            scores = rejection.score_with_verifier(records, responses, rejection.load_verifier(o.verifier))
+        responses = rejection.sample_responses(cfg, params, ctx.tokenizer, [r["prompt"] for r in records], options.k,
+                                               options.max_new_tokens, options.temperature, options.top_p,
+                                               seed=ctx.stage.iterator_seed(), batch_size=options.batch_size)
+        if options.scorer == "verifier":
+            scores = rejection.score_with_verifier(records, responses, rejection.load_verifier(options.verifier))
         else:
-            rm_cfg, rm_params = load_model(ctx, o.reward_model)
-            reward_lib.check_vocabulary(rm_cfg, cfg, str(o.reward_model))
+            rm_cfg, rm_params = load_model(ctx, options.reward_model)
+            reward_lib.check_vocabulary(rm_cfg, cfg, str(options.reward_model))
             scores = rejection.score_with_reward_model(rm_cfg, rm_params, ctx.tokenizer, records, responses,
-                                                       o.batch_size)
-        dialogs, pairs, stats = rejection.select(records, responses, scores, o.min_score)
-        stats = dict(stats, sampler=o.sampler or "this stage's model", scorer=o.scorer,
+                                                       options.batch_size)
+        dialogs, pairs, stats = rejection.select(records, responses, scores, options.min_score)
+        stats = dict(stats, sampler=options.sampler or "this stage's model", scorer=options.scorer,
                      prompts_file=report.to_json())
         if jax.process_index() == 0:
             out = lambda name: workdir_lib.stage_output_path(ctx.workdir, ctx.stage.name, name)  # noqa: E731

@@ -53,7 +53,7 @@ class Reward(PreferenceKind):
         return loss
 
     def evaluate(self, ctx, params, phase, step):
-        o = ctx.stage.options
+        options = ctx.stage.options
         examples = self.eval_examples(ctx, phase)
         head = reward_lib.reward_head_id(ctx.tokenizer)
         fn = ctx.cached("reward_fn", lambda: jax.jit(
@@ -67,7 +67,7 @@ class Reward(PreferenceKind):
         out = {"ranking_loss": float(total) / float(count),
                "ranking_accuracy": float(reward_lib.ranking_accuracy(scores["chosen"], scores["rejected"])),
                "reward_margin": float(np.mean(scores["chosen"] - scores["rejected"]))}
-        out.update(common.task_eval(ctx, params, o.eval_prompts, o.verifier, o.eval_max_new_tokens))
+        out.update(common.task_eval(ctx, params, options.eval_prompts, options.verifier, options.eval_max_new_tokens))
         return out
 
 

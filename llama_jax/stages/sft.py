@@ -26,8 +26,8 @@ class SFT(kind_lib.StageKind):
         return common.granule(stage, 1)
 
     def check_data(self, stage) -> None:
-        o = stage.options
-        common.check_files(stage, (o.dialogs, "dialog"), (o.eval_dialogs, "dialog"), (o.eval_prompts, "prompt"))
+        options = stage.options
+        common.check_files(stage, (options.dialogs, "dialog"), (options.eval_dialogs, "dialog"), (options.eval_prompts, "prompt"))
 
     def read(self, ctx) -> tuple[list[dict], data_lib.ReadReport]:
         """Every dialog of the stage's files, with one read report over them."""
@@ -66,11 +66,11 @@ class SFT(kind_lib.StageKind):
         return common.example_iterator(ctx, rows, local, ctx.stage.iterator_seed() + phase)
 
     def evaluate(self, ctx, params, phase, step):
-        o = ctx.stage.options
+        options = ctx.stage.options
         out = {}
-        if o.eval_dialogs:
+        if options.eval_dialogs:
             p = ctx.stage.phases[phase]
-            records, _ = common.read_records(ctx, o.eval_dialogs, "dialog")
+            records, _ = common.read_records(ctx, options.eval_dialogs, "dialog")
             rows, _ = self.rows(ctx, records, p.seq_len, None)
             fn = ctx.eval_step(p.seq_len, p.global_batch)
             total = count = 0.0
@@ -78,19 +78,19 @@ class SFT(kind_lib.StageKind):
                 s, n = jax.device_get(fn(params, ctx.to_device(b)))
                 total, count = total + float(s), count + float(n)
             out["loss"] = total / max(count, 1.0)
-        out.update(common.task_eval(ctx, params, o.eval_prompts, o.verifier, o.eval_max_new_tokens))
+        out.update(common.task_eval(ctx, params, options.eval_prompts, options.verifier, options.eval_max_new_tokens))
         return out
 
     def finish(self, ctx, state):
-        o = ctx.stage.options
+        options = ctx.stage.options
         if "data" not in ctx.cache:  # resumed at its end: the train data was not read in this process
             records, report = self.read(ctx)
             ctx.cache["data"] = common.report(ctx, report, self.rows(ctx, records, ctx.stage.phases[-1].seq_len,
                                                                      None)[1])
         out = {"data": ctx.cache["data"]}
-        if ctx.stage.init_source != "scratch" and o.eval_prompts:
-            start = common.task_eval(ctx, common.start_params(ctx), o.eval_prompts, o.verifier,
-                                     o.eval_max_new_tokens)
+        if ctx.stage.init_source != "scratch" and options.eval_prompts:
+            start = common.task_eval(ctx, common.start_params(ctx), options.eval_prompts, options.verifier,
+                                     options.eval_max_new_tokens)
             out["start_task_accuracy"] = start["task_accuracy"]
         return out
 

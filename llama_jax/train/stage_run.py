@@ -79,7 +79,7 @@ class StageRun:
     def __init__(self, c, stage: experiment.Stage, workdir: str, mesh, rules, tokenizer: Tokenizer, writer,
                  preemption, kind: kind_lib.StageKind, previous: experiment.Stage | None = None,
                  start_over: bool = False):
-        self.c, self.stage, self.workdir, self.mesh, self.rules = c, stage, workdir, mesh, rules
+        self.config, self.stage, self.workdir, self.mesh, self.rules = c, stage, workdir, mesh, rules
         self.tokenizer, self.writer, self.preemption, self.start_over = tokenizer, writer, preemption, start_over
         self.kind, self.previous = kind, previous
         self.name, self.dir = stage.name, workdir_lib.stage_dir(workdir, stage.name)
@@ -242,7 +242,7 @@ class StageRun:
         if bad:
             logging.warning("stage %r step %d: bad step (loss %s, grad_norm %s)%s", self.name, p_step,
                             host["loss"], host["grad_norm"], "; update skipped" if host["nonfinite"] else "")
-        if due(p_step, int(self.c.log_every_steps)) or p_step == self.total_steps or bad:
+        if due(p_step, int(self.config.log_every_steps)) or p_step == self.total_steps or bad:
             self.writer.write_scalars(p_step, host, prefix=f"{self.name}/train")
         self._progress.update(p_step, {k: host[k] for k in _PROGRESS_KEYS if k in host})
 
@@ -251,8 +251,8 @@ class StageRun:
         fault, and past one that does not restore) and skips the data consumed since it."""
         self.ckpts.wait()
         rollbacks = info.rollbacks + 1
-        if rollbacks > int(self.c.spike.max_rollbacks):
-            raise RuntimeError(f"stage {self.name!r}: more than {self.c.spike.max_rollbacks} rollbacks; giving up "
+        if rollbacks > int(self.config.spike.max_rollbacks):
+            raise RuntimeError(f"stage {self.name!r}: more than {self.config.spike.max_rollbacks} rollbacks; giving up "
                                f"(bad steps again at step {first_bad})")
         candidates = [s for s in self.ckpts.all_steps() if s < first_bad]
         if candidates and candidates[-1] == info.last_rollback_target:
@@ -270,7 +270,7 @@ class StageRun:
         restored.skipped_windows = list(restored.skipped_windows) + [[target, current_step]]
         restored.rollbacks, restored.tokens, restored.last_rollback_target = rollbacks, info.tokens, target
         logging.warning("stage %r: %d bad steps from step %d: rolled back to step %d and skipped the %d batches "
-                        "of steps %d..%d", self.name, self.c.spike.max_bad_steps, first_bad, target,
+                        "of steps %d..%d", self.name, self.config.spike.max_bad_steps, first_bad, target,
                         current_step - target, target, current_step - 1)
         self.writer.write_text(current_step, f"{self.name}/rollback",
                                f"rolled back to step {target}; skipped data of steps {target}..{current_step - 1}")
@@ -283,7 +283,7 @@ class StageRun:
         """Whether step `step` ends with a checkpoint: periodic, the stage's last, or a preemption all
         processes agreed on (`Preemption.agreed`, a collective on a multi-process job)."""
         self._preempt = self.preemption.agreed()
-        return due(step, int(self.c.checkpoint.every_steps)) or step == self.total_steps or self._preempt
+        return due(step, int(self.config.checkpoint.every_steps)) or step == self.total_steps or self._preempt
 
     def periodic(self, step: int, state, info: StageState, save: bool) -> None:
         """Checkpoint, preemption and evaluation after step `step` was dispatched (and, when `save`, its metrics
@@ -294,7 +294,7 @@ class StageRun:
             self.ckpts.wait()
             raise Preempted(f"SIGTERM: checkpoint saved at step {step} of stage {self.name!r}; run the same "
                             f"command again to resume (exit status {EXIT_PREEMPTED})")
-        if int(self.c.eval.batches) and due(step, int(self.c.eval.every_steps)) and step < self.total_steps:
+        if int(self.config.eval.batches) and due(step, int(self.config.eval.every_steps)) and step < self.total_steps:
             self.evaluate(state, step)
 
     def evaluate(self, state, step: int) -> dict:
@@ -308,7 +308,7 @@ class StageRun:
         self.ckpts.wait()
         final = {"step": step, "tokens": info.tokens, "skipped_steps": int(jax.device_get(state.skipped)),
                  "rollbacks": info.rollbacks}
-        if int(self.c.eval.batches):
+        if int(self.config.eval.batches):
             final.update({f"eval_{k}": v for k, v in self.evaluate(state, step).items()})
         final.update(self.kind.finish(self.ctx, state))
         if jax.process_index() == 0:
@@ -349,7 +349,7 @@ class StageRun:
             current = None
             if step < self.total_steps:
                 batch_np = self.stream.next(step)
-                if self.c.debug.log_batches:
+                if self.config.debug.log_batches:
                     self._log_batch(step, batch_np)
                 t0 = time.perf_counter()
                 state, metrics = self.step_fn(step, self.stream.phase)(state, self.to_device(batch_np))
