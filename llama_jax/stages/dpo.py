@@ -29,22 +29,13 @@ class DPO(PreferenceKind):
     def _logps_fn(self, ctx):
         return ctx.cached("logps_fn", lambda: jax.jit(lambda prm, b: common.sequence_logps(ctx.stage.model, prm, b)))
 
+    def rows(self, ctx, record, seq_len):
+        enc = data_lib.encode_preference(ctx.tokenizer, record, seq_len, ctx.stage.options.truncation)
+        return None if enc is None else {role: data_lib.single_row(enc[role], seq_len) for role in self.ROLES}
+
     def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
         """Pairs of rows with the frozen reference model's per-token log-probs (`ref_logps`)."""
-        records, report = self.read(ctx, spec)
-        pairs, dropped = [], 0
-        for r in records:
-            enc = data_lib.encode_preference(ctx.tokenizer, r, seq_len, ctx.stage.options.truncation)
-            if enc is None:
-                dropped += 1
-                continue
-            pairs.append({role: data_lib.single_row(enc[role], seq_len) for role in self.ROLES})
-        data = common.report(ctx, report, dropped)
-        if record:
-            ctx.cache["data"] = data
-        if not pairs:
-            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
-                             f"length {seq_len}")
+        pairs = super().examples(ctx, spec, seq_len, record)
         reference = ctx.cached("reference", lambda: common.start_params(ctx))
         fn = self._logps_fn(ctx)
         rows = [pair[role] for pair in pairs for role in self.ROLES]

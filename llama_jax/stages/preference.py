@@ -36,10 +36,22 @@ class PreferenceKind(kind_lib.StageKind):
             self.examples(ctx, ctx.stage.options.preferences, ctx.stage.phases[-1].seq_len)
         return {"data": ctx.cache["data"]}
 
+    def rows(self, ctx, record: dict, seq_len: int) -> dict | None:
+        """{role: row} of one preference record, or None when it does not fit `seq_len` (the kind's layout)."""
+        raise NotImplementedError
+
     def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
         """{role: row} per record of the preference file(s) `spec` that fits `seq_len`; `record`: its data report
         is the stage's DONE.json `data`."""
-        raise NotImplementedError
+        records, report = self.read(ctx, spec)
+        examples = [rows for rows in (self.rows(ctx, r, seq_len) for r in records) if rows is not None]
+        data = common.report(ctx, report, len(records) - len(examples))
+        if record:
+            ctx.cache["data"] = data
+        if not examples:
+            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
+                             f"length {seq_len}")
+        return examples
 
     def train_iterator(self, ctx, phase, start_documents):
         p = ctx.stage.phases[phase]

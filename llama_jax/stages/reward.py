@@ -22,25 +22,14 @@ class Reward(PreferenceKind):
     Options = options_lib.RewardOptions
     ROLES = ("chosen", "rejected", "edited")
 
-    def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
-        records, report = self.read(ctx, spec)
-        out, dropped = [], 0
-        for r in records:
-            enc = data_lib.encode_preference(ctx.tokenizer, r, seq_len - 1, ctx.stage.options.truncation)
-            if enc is None:
-                dropped += 1
-                continue
-            out.append({role: data_lib.single_row(
-                {"inputs": enc[role]["tokens"], "targets": np.zeros_like(enc[role]["tokens"]),
-                 "loss_mask": np.zeros_like(enc[role]["tokens"])} if role in enc else None, seq_len)
-                for role in self.ROLES})
-        data = common.report(ctx, report, dropped)
-        if record:
-            ctx.cache["data"] = data
-        if not out:
-            raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
-                             f"length {seq_len}")
-        return out
+    def rows(self, ctx, record, seq_len):
+        enc = data_lib.encode_preference(ctx.tokenizer, record, seq_len - 1, ctx.stage.options.truncation)
+        if enc is None:
+            return None
+        return {role: data_lib.single_row(
+            {"inputs": enc[role]["tokens"], "targets": np.zeros_like(enc[role]["tokens"]),
+             "loss_mask": np.zeros_like(enc[role]["tokens"])} if role in enc else None, seq_len)
+            for role in self.ROLES}
 
     def loss_fn(self, ctx):
         cfg, head = ctx.stage.model, reward_lib.reward_head_id(ctx.tokenizer)
