@@ -107,8 +107,16 @@ def base_config() -> ml_collections.ConfigDict:
     # starts); fixed for the stage by its checkpoints, so a restart may use any process count dividing it.
     c.data = ml_collections.ConfigDict(dict(sources=[], shuffle=True, num_workers=0, worker_buffer_size=2,
                                             cache_dir="", host_shards=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, pipe=1, context=1, tensor=1))
     c.sharding_rules = "fsdp"
+    # Pipeline parallelism over mesh.pipe > 1 (llama_jax.model.pipeline): virtual stages per device (interleaving),
+    # microbatches per step (0: as many as pipeline stages), schedule "1f1b" or "gpipe", and how many layers fewer
+    # the first and the last stage hold (they also run the embedding / the output head).
+    c.pipeline = ml_collections.ConfigDict(dict(virtual=1, microbatches=0, schedule="1f1b", lighter_ends=0))
+    # The device count the mesh is written for (the planner's default; 0: the devices JAX sees), and whether the
+    # run may start although the planner says the step does not fit the devices' memory.
+    c.plan_devices = 0
+    c.skip_fit_check = False
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, keep_every=0, async_save=True))
     c.eval = ml_collections.ConfigDict(dict(every_steps=100, batches=4, global_batch=0))
     c.sample = ml_collections.ConfigDict(dict(prompts=["def "], max_new_tokens=48, temperature=0.8, top_p=0.95,

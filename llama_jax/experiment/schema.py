@@ -34,6 +34,7 @@ import ml_collections
 
 from llama_jax.experiment import options as options_lib
 from llama_jax.model import config as model_config
+from llama_jax.sharding import schedule as schedule_lib
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
               "data", "options")
@@ -131,6 +132,8 @@ class Stage:
     init_source: str
     seed: int
     options: options_lib.StageOptions = options_lib.StageOptions()
+    # how the train step is pipelined (stages = mesh.pipe; 1: not pipelined)
+    pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()
     # the stage whose data stream this one continues (its own index unless option continue_data is set)
     stream_index: int = -1
     # the global batches of every phase of every stage sharing this stage's data stream (they fix its default
@@ -239,6 +242,38 @@ def check_intervals(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{path}={value!r} must be an integer >= {minimum}{meaning}")
 
 
+def pipeline_config(c: ml_collections.ConfigDict) -> schedule_lib.PipelineConfig:
+    """The experiment's pipeline settings (`config.pipeline`, stages = `config.mesh.pipe`), checked."""
+    stages = int(c.mesh.get("pipe", 1))
+    if stages < 1:
+        raise ValueError(f"mesh.pipe={stages}: give the number of pipeline stages (>= 1; -1 is not allowed for pipe)")
+    raw = dict(c.get("pipeline", {}))
+    known = {f.name for f in dataclasses.fields(schedule_lib.PipelineConfig)} - {"stages"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown pipeline key(s) {unknown}; known: {sorted(known)}")
+    pipe = schedule_lib.PipelineConfig(stages=stages, **raw)
+    if pipe.microbatches < 0:
+        raise ValueError(f"pipeline.microbatches={pipe.microbatches} must be >= 0 (0: as many as pipeline stages)")
+    schedule_lib.check(stages, pipe.virtual, pipe.n_micro, pipe.schedule)
+    return pipe
+
+
+def _check_pipeline(st: Mapping, pipe: schedule_lib.PipelineConfig, model_cfg, bounds) -> None:
+    where = f"stage {st['name']!r}"
+    if not model_cfg.scan_layers:
+        raise ValueError(f"{where}: pipeline parallelism (mesh.pipe={pipe.stages}) needs model.scan_layers=True")
+    try:
+        schedule_lib.layout(model_cfg.n_layers, pipe.stages, pipe.virtual, pipe.lighter_ends)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for _, _, batch in bounds:
+        if batch % (int(st["grad_accum"]) * pipe.n_micro):
+            raise ValueError(f"{where}: global batch {batch} does not split into grad_accum={st['grad_accum']} x "
+                             f"pipeline.microbatches={pipe.n_micro}: use a batch that is a multiple of "
+                             f"{int(st['grad_accum']) * pipe.n_micro}, or change pipeline.microbatches")
+
+
 def _optim_config(st: Any, total_steps: int, trains: bool) -> OptimConfig:
     d = dict(st["optim"])
     schedule = int(d.pop("schedule_steps", 0) or 0)
@@ -318,6 +353,9 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         if int(st["loss_chunk"]) < -1:
             raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0 (0: full logits), "
                              "or -1 for the platform's default")
+        pipe = pipeline_config(c)
+        if pipe.stages > 1:
+            _check_pipeline(st, pipe, model_cfg, bounds)
         data = c.data.to_dict()
         unknown_data = sorted(set(st["data"]) - set(data))
         if unknown_data:
@@ -347,7 +385,8 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
                       phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
                       total_steps=total, grad_accum=int(st["grad_accum"]),
                       loss_chunk=resolve_chunk(int(st["loss_chunk"])),
-                      init_source=init_source, seed=int(c.seed), options=options, stream_index=index)
+                      init_source=init_source, seed=int(c.seed), options=options, stream_index=index,
+                      pipeline=pipe)
         if stage.continue_data:
             stage = dataclasses.replace(stage, stream_index=stages[names.index(stage.previous)].stream_index)
         kind.check(stage)

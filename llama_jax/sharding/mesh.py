@@ -1,8 +1,9 @@
 """The device mesh: the only place that enumerates devices.
 
 Mesh axes, outermost first: data (pure data parallel, replicas), fsdp (data parallel with sharded params,
-gradients and optimizer state), context (sequence / context parallel), tensor (tensor parallel, innermost so
-it maps to the fastest links, as in Llama 3's [TP, CP, PP, DP] order).
+gradients and optimizer state), pipe (pipeline parallel: the layer stack cut into stages, `model.pipeline`),
+context (sequence / context parallel), tensor (tensor parallel, innermost so it maps to the fastest links).
+Innermost first this is Llama 3's [TP, CP, PP, DP] order (paper section 3.3.2).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "pipe", "context", "tensor")
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -42,7 +43,7 @@ def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, in
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over axes (data, fsdp, context, tensor); `shape` maps axis -> size, -1 = the rest (default data)."""
+    """A Mesh over axes (data, fsdp, pipe, context, tensor); `shape` maps axis -> size, -1 = the rest (default data)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape if shape is not None else {"data": -1}, len(devices))
     dims = tuple(sizes[a] for a in MESH_AXES)

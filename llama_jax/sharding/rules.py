@@ -2,6 +2,12 @@
 
 The model annotates parameters and activations with logical names only; an experiment picks a rule set by
 name (`config.sharding.rules`). Mesh axes of size 1 cost nothing, so every set is valid on every mesh.
+
+Parameters are stored the same way whatever the pipeline degree: the model dimension (`embed`) is also split
+over `pipe`, so a pipelined run keeps its weights, gradients and optimizer state fully sharded, and a checkpoint
+does not depend on how the run was pipelined. The train step gathers the layer stack into its pipeline layout
+(`model.pipeline.to_stages`; stages over `pipe`); code that does not pipeline (evaluation, sampling) runs on a
+`pipe` mesh as if `pipe` were one more FSDP axis for the weights.
 """
 
 from __future__ import annotations
@@ -22,22 +28,22 @@ _ACTIVATIONS: Rules = (
 )
 
 RULE_SETS: dict[str, Rules] = {
-    # Pure data parallel: parameters and optimizer state replicated on every device.
+    # Pure data parallel: parameters and optimizer state replicated on every device (split over `pipe` only).
     "dp": _ACTIVATIONS + (
         ("act_heads", None), ("act_kv_heads", None), ("act_mlp", None), ("act_vocab", None),
-        ("embed", None), ("vocab", None), ("heads", None), ("kv_heads", None), ("mlp", None),
+        ("embed", "pipe"), ("vocab", None), ("heads", None), ("kv_heads", None), ("mlp", None),
         ("head_dim", None), ("layers", None), ("norm", None),
     ),
     # ZeRO-3 / FSDP: every weight sharded along its model dimension over `fsdp`, gathered per layer.
     "fsdp": _ACTIVATIONS + (
         ("act_heads", None), ("act_kv_heads", None), ("act_mlp", None), ("act_vocab", None),
-        ("embed", "fsdp"), ("vocab", None), ("heads", None), ("kv_heads", None), ("mlp", None),
+        ("embed", ("fsdp", "pipe")), ("vocab", None), ("heads", None), ("kv_heads", None), ("mlp", None),
         ("head_dim", None), ("layers", None), ("norm", None),
     ),
     # FSDP + Megatron tensor parallelism: heads, FFN hidden and vocabulary split over `tensor`.
     "fsdp_tp": _ACTIVATIONS + (
         ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor"),
-        ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+        ("embed", ("fsdp", "pipe")), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
         ("head_dim", None), ("layers", None), ("norm", None),
     ),
 }

@@ -28,6 +28,7 @@ from llama_jax.data import corpus as corpus_lib
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
+from llama_jax.train import fit
 from llama_jax.train import kind as kind_lib
 from llama_jax.train import metrics as metrics_lib
 from llama_jax.train.stage_run import Preempted, StageRun
@@ -95,6 +96,12 @@ def run_experiment(c: ml_collections.ConfigDict, workdir: str, kinds: Mapping[st
     kind_lib.check_table(kinds)
     experiment.prepare(c)
     stages = experiment.resolve(c, kinds)
+    for stage in stages:
+        if stage.pipeline.stages > 1 and type(kinds[stage.kind]).loss_fn is not kind_lib.StageKind.loss_fn:
+            raise ValueError(f"stage {stage.name!r} (kind {stage.kind}) trains its own loss, which does not pipeline: "
+                             f"run it with mesh.pipe=1 (mesh.pipe={stage.pipeline.stages} now)")
+    if not c.get("skip_fit_check", False):
+        fit.check(c, [s for s in stages if workdir_lib.read_done(os.path.abspath(workdir), s.name) is None], kinds)
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir!r} exists and is not a directory")

@@ -42,11 +42,12 @@ from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import jax_compat
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
+from llama_jax.sharding import schedule as schedule_lib
 
 GIB = 1024 ** 3
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024 ** 2,
           "gib": GIB, "tib": 1024 ** 4}
-TERMS = ("params", "gradients", "optimizer", "update", "gathered", "activations")
+TERMS = ("params", "gradients", "optimizer", "update", "gathered", "activations", "pipeline")
 
 
 def parse_bytes(text: str) -> int:
@@ -80,6 +81,7 @@ class Workload:
     loss_chunk: int = 0
     stage: str = ""
     optim: experiment.OptimConfig = experiment.OptimConfig()  # the stage's optimizer (its state is planned)
+    pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()  # stages = mesh["pipe"]
 
     @property
     def devices(self) -> int:
@@ -103,13 +105,17 @@ def stage_of(c: Any, kinds: Mapping[str, Any], stage: str | None = None) -> expe
 def workload_from_config(c: Any, devices: int, stage: str | None = None, *, kinds: Mapping[str, Any]) -> Workload:
     """The phase of `stage` (default: the first stage) with the most tokens per step, on `devices` devices;
     `kinds` is the table of stage kinds the experiment is resolved with (`llama_jax.stages.KINDS`)."""
-    st = stage_of(c, kinds, stage)
+    return stage_workload(c, stage_of(c, kinds, stage), devices)
+
+
+def stage_workload(c: Any, st: experiment.Stage, devices: int) -> Workload:
+    """The phase of the resolved stage `st` with the most tokens per step, on `devices` devices."""
     p = max(st.phases, key=lambda p: (p.tokens_per_step, p.seq_len))
     sizes = mesh_lib.resolve_mesh_shape(c.mesh.to_dict(), devices)
     rules_lib.get_rules(c.sharding_rules)
     return Workload(model=st.model, mesh=sizes, rules=c.sharding_rules, seq_len=p.seq_len,
                     global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name,
-                    optim=st.optim)
+                    optim=st.optim, pipeline=st.pipeline)
 
 
 def _axes_size(mesh: Mapping[str, int], axes) -> int:
@@ -124,7 +130,8 @@ def _rule_size(w: Workload, name: str) -> int:
 
 
 def _param_splits(w: Workload):
-    """(bytes, split over all axes, split over the axes other than fsdp, layer-stacked?) per parameter tensor."""
+    """(bytes, split over all axes, split over the axes other than fsdp and pipe, layer-stacked?) per parameter
+    tensor."""
     rules = rules_lib.get_rules(w.rules)
     specs = transformer.param_logical_specs(w.model)
     shapes = transformer.param_shapes(w.model)
@@ -140,7 +147,7 @@ def _param_splits(w: Workload):
                                  f"divisible by mesh axes {axes} (size {size}) of mesh {dict(w.mesh)}")
             split *= size
             axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
-            other *= _axes_size(w.mesh, tuple(a for a in axes if a != "fsdp") or None)
+            other *= _axes_size(w.mesh, tuple(a for a in axes if a not in ("fsdp", "pipe")) or None)
         out.append((shape.size * jnp.dtype(shape.dtype).itemsize, split, other, "layers" in tuple(spec)))
     return out
 
@@ -151,7 +158,7 @@ def param_bytes_per_device(w: Workload) -> int:
 
 
 def gathered_bytes_per_device(w: Workload) -> int:
-    """FSDP's working set: a weight split over `fsdp` is all-gathered before use; with a compute dtype other
+    """FSDP's working set: a weight split over `fsdp` (or `pipe`) is all-gathered before use; with a compute dtype other
     than the parameters' a cast copy is made too. Counted for the embedding / head (used outside the layer loop)
     and for one layer at a time."""
     per_byte = 1 + (jnp.dtype(w.model.dtype).itemsize / jnp.dtype(w.model.param_dtype).itemsize
@@ -205,11 +212,13 @@ class Plan:
     update: int
     gathered: int
     activations: int
+    pipeline: int
     flops_per_step: float
     peak_flops: float
     mfu: float
     device_memory: int | None
     notes: tuple[str, ...] = ()
+    schedule: dict | None = None  # pipelined: bubble, stash, traffic (`pipeline_terms`)
 
     @property
     def total(self) -> int:
@@ -217,7 +226,8 @@ class Plan:
 
     @property
     def seconds_per_step(self) -> float:
-        return self.flops_per_step / (self.workload.devices * self.peak_flops * self.mfu)
+        bubble = self.schedule["bubble"] if self.schedule else 0.0
+        return self.flops_per_step / (self.workload.devices * self.peak_flops * self.mfu * (1 - bubble))
 
     @property
     def fits(self) -> bool | None:
@@ -229,7 +239,7 @@ class Plan:
 
     def advice(self) -> str:
         w = self.workload
-        if self.biggest in ("params", "gradients", "optimizer", "update", "gathered"):
+        if self.biggest in ("params", "gradients", "optimizer", "update", "gathered", "pipeline"):
             return (f"shard the weights over more devices: rules {w.rules!r} with mesh {dict(w.mesh)}; raise "
                     "mesh.fsdp (sharding_rules='fsdp'), add tensor parallelism (mesh.tensor, 'fsdp_tp'), or use "
                     "more devices")
@@ -246,7 +256,8 @@ class Plan:
                "devices": w.devices, "bytes_per_device": {t: getattr(self, t) for t in TERMS},
                "planned_bytes_per_device": self.total, "flops_per_step": self.flops_per_step,
                "peak_flops_per_device": self.peak_flops, "mfu": self.mfu, "seconds_per_step": self.seconds_per_step,
-               "device_memory": self.device_memory, "fits": self.fits, "biggest": self.biggest}
+               "device_memory": self.device_memory, "fits": self.fits, "biggest": self.biggest,
+               "pipeline": self.schedule}
         if self.fits is False:
             out["advice"] = self.advice()
         return out
@@ -261,6 +272,13 @@ class Plan:
         for t in TERMS:
             lines.append(f"    {t:<12} {format_bytes(getattr(self, t)):>12}")
         lines.append(f"    {'total':<12} {format_bytes(self.total):>12}")
+        if self.schedule:
+            sc = self.schedule
+            lines.append(f"  pipeline: {sc['stages']} stages x {sc['virtual']} virtual, {sc['microbatches']} microbatches "
+                         f"of {sc['microbatch_rows']} rows, schedule {sc['schedule']!r}: bubble {sc['bubble']:.1%}, "
+                         f"inputs kept per stage {sc['stash']}, point-to-point "
+                         f"{format_bytes(sc['p2p_bytes_per_step'])} and weight resharding "
+                         f"{format_bytes(sc['reshard_bytes_per_step'])} per device per step")
         lines.append(f"  FLOPs per step {self.flops_per_step:.3e}; at {self.mfu:.0%} MFU of "
                      f"{self.peak_flops:.3g} FLOP/s per device: {self.seconds_per_step:.3g} s per step")
         lines += [f"  note: {n}" for n in self.notes]
@@ -298,11 +316,61 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
     working += rows * logit_rows * local.vocab_size * 4  # float32 gradient of the logits
     notes = [] if local.attention == w.model.attention else [
         f"attention 'auto' planned as {local.attention!r} (the {platform} choice)"]
+    pipeline, schedule_info = 0, None
+    if w.pipeline.stages > 1:
+        activations, pipeline, schedule_info = pipeline_terms(w, traced, rows, length)
+    else:
+        activations = saved + working
     return Plan(workload=dataclasses.replace(w, model=w.model.replace(attention=local.attention)), params=p,
                 gradients=gradients, optimizer=optimizer, update=2 * p, gathered=gathered_bytes_per_device(w),
-                activations=saved + working,
+                activations=activations, pipeline=pipeline, schedule=schedule_info,
                 flops_per_step=w.model.flops_per_token(w.seq_len) * w.tokens_per_step, peak_flops=peak_flops,
                 mfu=mfu, device_memory=device_memory, notes=tuple(notes))
+
+
+def pipeline_terms(w: Workload, local: ModelConfig, rows: int, length: int) -> tuple[int, int, dict]:
+    """(activations, pipeline buffers, schedule facts) per device of a pipelined step (`model.pipeline`).
+
+    Activations: the chunk inputs a stage keeps for its backward passes and the gradients waiting for theirs
+    (the schedule's slots, plus four transfer buffers), each [microbatch rows, length, D] in the compute dtype,
+    and the backward pass of one chunk (its saved residuals under the remat policy, with the output head and
+    the loss, which every stage runs in lockstep). Pipeline buffers: the layer stack gathered into the stage
+    layout and its float32 gradient accumulator (with the empty slots of an uneven split), and the embedding
+    and output head, gathered over `pipe` for the first / last chunk, with their float32 gradients.
+    """
+    pipe, cfg = w.pipeline, w.model
+    sched = schedule_lib.cached(pipe.stages, pipe.virtual, pipe.n_micro, pipe.schedule)
+    slots = schedule_lib.layout(cfg.n_layers, pipe.stages, pipe.virtual, pipe.lighter_ends)
+    per_chunk = slots.shape[-1]
+    if rows % pipe.n_micro:
+        raise ValueError(f"{rows} rows per device per step do not split into pipeline.microbatches={pipe.n_micro}")
+    micro_rows = rows // pipe.n_micro
+    x_bytes = micro_rows * length * cfg.dim * jnp.dtype(cfg.dtype).itemsize
+    buffers = (sched.slots + sched.gslots + 4) * x_bytes
+    chunk = local.replace(n_layers=per_chunk)
+    backward = saved_activation_bytes(chunk, micro_rows, length, w.loss_chunk)
+    if local.remat != "none":
+        plain = chunk.replace(remat="none")
+        backward += (saved_activation_bytes(plain.replace(n_layers=2), micro_rows, length, w.loss_chunk)
+                     - saved_activation_bytes(plain.replace(n_layers=1), micro_rows, length, w.loss_chunk))
+    logit_rows = min(w.loss_chunk, length) if w.loss_chunk > 0 else length
+    backward += micro_rows * logit_rows * local.vocab_size * 4
+    layer_bytes = ends_bytes = 0.0
+    for size, split, _, stacked in _param_splits(w):
+        unpiped = max(split / pipe.stages, 1)  # the stored split less `pipe` (the model dimension's share of it)
+        if stacked:  # stage layout: this stage's V x Lc slots
+            layer_bytes += size / cfg.n_layers * pipe.virtual * per_chunk / unpiped
+        else:  # gathered over `pipe` for the first / last chunk
+            ends_bytes += size / unpiped
+    pipeline = int(2 * layer_bytes + 2 * ends_bytes)
+    info = {"stages": pipe.stages, "virtual": pipe.virtual, "microbatches": pipe.n_micro, "schedule": pipe.schedule,
+            "lighter_ends": pipe.lighter_ends, "microbatch_rows": micro_rows, "layers_per_chunk": per_chunk,
+            "bubble": sched.bubble(), "bubble_formula": schedule_lib.bubble_formula(pipe.stages, pipe.virtual,
+                                                                                   pipe.n_micro),
+            "stash": max(sched.stash), "ticks": sched.ticks,
+            "p2p_bytes_per_step": w.grad_accum * sched.ticks * 2 * x_bytes,
+            "reshard_bytes_per_step": int(2 * layer_bytes)}
+    return buffers + backward, pipeline, info
 
 
 def compile_train_step(w: Workload):
@@ -323,11 +391,11 @@ def lower_train_step(w: Workload):
     optim_cfg = w.optim  # the driver's optimizer config of the stage
     abstract = step_lib.abstract_train_state(w.model, optim_cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=w.loss_chunk)
+    fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=w.loss_chunk, pipeline=w.pipeline)
     step = step_lib.jit_train_step(fn, mesh, rules, shardings)
     batch = {k: jax.ShapeDtypeStruct((w.global_batch, w.seq_len), jnp.int32, sharding=mesh_lib.data_sharding(mesh))
              for k in step_lib.BATCH_KEYS}
-    step_lib.check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, w.grad_accum)
+    step_lib.check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, w.grad_accum, fn.microbatches)
     with jax.set_mesh(mesh):
         return step.lower(abstract, batch)
 

@@ -115,9 +115,10 @@ class StageRun:
     def compiled_step(self, phase: int, loss_fn=None, key: Any = None):
         key = (phase, key)
         if key not in self._steps:
-            fn = step_lib.make_train_step(self.stage.model, self.stage.optim, self.stage.grad_accum,
-                                          loss_fn=loss_fn or self.kind.loss_fn(self.ctx),
-                                          loss_chunk=self.stage.loss_chunk)
+            loss_fn = loss_fn or self.kind.loss_fn(self.ctx)
+            fn = step_lib.make_train_step(self.stage.model, self.stage.optim, self.stage.grad_accum, loss_fn=loss_fn,
+                                          loss_chunk=self.stage.loss_chunk,
+                                          pipeline=None if loss_fn else self.stage.pipeline)
             self._steps[key] = step_lib.jit_train_step(fn, self.mesh, self.rules, self.shardings)
         return self._steps[key]
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from llama_jax.data.batch import BATCH_KEYS, device_keys, make_global_batch  # noqa: F401 - the batch contract
 from llama_jax.model import context_parallel, transformer
+from llama_jax.model import pipeline as pipeline_lib
 from llama_jax.model.config import ModelConfig
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
@@ -32,12 +33,26 @@ from llama_jax.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 
 
-def loss_sum(model_cfg: ModelConfig, params, batch: Batch, loss_chunk: int = 0):
+def token_loss(loss_chunk: int) -> Callable:
+    """`(hidden [B, L, D], w_out [D, V], targets, mask) -> (NLL sum, count)`: the output head and the loss, fused
+    and chunked when `loss_chunk > 0`."""
+    if loss_chunk > 0:
+        return lambda h, w, t, m: loss_lib.chunked_cross_entropy_sum(h, w, t, m, loss_chunk)
+    return lambda h, w, t, m: loss_lib.cross_entropy_sum(
+        jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32), t, m)
+
+
+def loss_sum(model_cfg: ModelConfig, params, batch: Batch, loss_chunk: int = 0,
+             pipeline: pipeline_lib.PipelineConfig | None = None):
     """(sum of masked next-token NLL, number of counted tokens) for one batch.
 
     `loss_chunk > 0` fuses the output head with the loss, `loss_chunk` positions at a time, so the full
     [B, L, V] float32 logits are never materialised (`loss.chunked_cross_entropy_sum`); same value.
+    `pipeline` with more than one stage runs the model as a pipeline over the mesh axis `pipe`
+    (`model.pipeline.loss_sum`); same value.
     """
+    if pipeline is not None and pipeline.stages > 1:
+        return pipeline_lib.loss_sum(model_cfg, pipeline, params, dict(batch), token_loss(loss_chunk))
     if loss_chunk > 0:
         hidden, _ = transformer.apply(model_cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
                                       return_hidden=True)
@@ -61,17 +76,24 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: int = 1,
-                    loss_fn: Callable | None = None,
-                    loss_chunk: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    loss_fn: Callable | None = None, loss_chunk: int = 0,
+                    pipeline: pipeline_lib.PipelineConfig | None = None,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds the pure `train_step(state, batch) -> (state, metrics)`.
 
-    `loss_fn(params, batch) -> (loss_sum, count)` defaults to next-token cross-entropy on the model.
+    `loss_fn(params, batch) -> (loss_sum, count)` defaults to next-token cross-entropy on the model, pipelined
+    over the mesh axis `pipe` when `pipeline` has more than one stage (each accumulation micro-batch is cut into
+    `pipeline.microbatches`); a custom `loss_fn` does not pipeline.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    pipelined = pipeline is not None and pipeline.stages > 1
+    if pipelined and loss_fn is not None:
+        raise ValueError("a custom loss does not pipeline: pipeline parallelism (mesh.pipe > 1) runs the model's "
+                         "next-token loss only")
     optimizer = make_optimizer(optim_cfg)
     schedule = make_schedule(optim_cfg)
-    loss_fn = loss_fn or (lambda params, batch: loss_sum(model_cfg, params, batch, loss_chunk))
+    loss_fn = loss_fn or (lambda params, batch: loss_sum(model_cfg, params, batch, loss_chunk, pipeline))
 
     def grad_fn(params, batch):
         (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
@@ -113,6 +135,7 @@ def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: 
         return new_state, metrics
 
     train_step.grad_accum = grad_accum
+    train_step.microbatches = pipeline.n_micro if pipelined else 1
     return train_step
 
 
@@ -169,8 +192,9 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, mesh: Mesh,
     return state, shardings
 
 
-def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum: int = 1) -> None:
-    """Clear errors for a batch the mesh cannot split."""
+def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum: int = 1,
+                       microbatches: int = 1) -> None:
+    """Clear errors for a batch the mesh cannot split (into `grad_accum` x pipeline `microbatches`)."""
     missing = [k for k in BATCH_KEYS if k not in batch_shapes]
     if missing:
         raise ValueError(f"batch is missing key(s) {missing}; expected {BATCH_KEYS}")
@@ -178,7 +202,8 @@ def check_batch_shapes(batch_shapes: Mapping[str, tuple], mesh: Mesh, grad_accum
     for k in BATCH_KEYS:
         if tuple(batch_shapes[k][:2]) != (b, length):
             raise ValueError(f"batch[{k!r}] has shape {batch_shapes[k]}, expected ({b}, {length})")
-    mesh_lib.check_global_batch(b, devices=mesh_lib.batch_divisor(mesh), grad_accum=grad_accum, mesh=mesh)
+    mesh_lib.check_global_batch(b, devices=mesh_lib.batch_divisor(mesh), grad_accum=grad_accum * microbatches,
+                                mesh=mesh)
     context_parallel.check_length(length, mesh.shape["context"])
 
 
@@ -200,9 +225,10 @@ def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainStat
                      donate_argnums=(0,) if donate else ())
 
     grad_accum = getattr(train_step, "grad_accum", 1)
+    microbatches = getattr(train_step, "microbatches", 1)
 
     def run(state: TrainState, batch: Batch):
-        check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, grad_accum)
+        check_batch_shapes({k: v.shape for k, v in batch.items()}, mesh, grad_accum, microbatches)
         with jax.set_mesh(mesh):
             return jitted(state, {k: batch[k] for k in device_keys(batch)})
 
