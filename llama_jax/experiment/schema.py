@@ -325,7 +325,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         data.update(dict(st["data"]))
         if not data.get("sources"):
             raise ValueError(f"stage {st['name']!r}: no data sources (config.data.sources is empty)")
-        _check_sources(data["sources"])
+        data["sources"] = _check_sources(data)
         if index > 0:
             init_source = f"previous:{names[index - 1]}"
         elif c.init_from:
@@ -397,15 +397,21 @@ def prepare(c: ml_collections.ConfigDict) -> None:
         fn(**dict(item.get("kwargs", {})))
 
 
-def _check_sources(sources) -> None:
+def _check_sources(data: Mapping[str, Any]) -> list[dict]:
+    """The data config's sources with `data.paths` applied; every given path must exist. A source left for the
+    user to map (named in `data.paths`, still empty) passes: `plan` needs no data, and the run stops before
+    building anything until it is given (`train.driver.check_inputs`)."""
     from llama_jax.data import sources as sources_lib  # noqa: PLC0415 - the table of source kinds (no JAX)
 
+    sources = sources_lib.with_paths(data["sources"], data.get("paths"))
+    unmapped = set(sources_lib.unmapped(data))
     for s in sources:
-        if s.get("kind", "corpus") in sources_lib.BUILTIN:  # built in, no files
+        if s.get("kind", "corpus") in sources_lib.BUILTIN or s.get("name") in unmapped:  # no files / not yet given
             continue
         path = s.get("path")
         if not path or not (os.path.exists(path) or glob.glob(path)):
             raise FileNotFoundError(f"data source {s.get('name')!r}: path {path!r} does not exist")
+    return sources
 
 
 def resolve_model(c: ml_collections.ConfigDict, st: Any = None) -> model_config.ModelConfig:
