@@ -32,8 +32,9 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
         --config.tokenizer=tokenizer.model --config.data.paths.general_knowledge='web/part-*.array_record' \
         --config.data.paths.math_reasoning=... --config.data.paths.code=... --config.data.paths.multilingual=...
   Until all are given the run stops before building anything, naming what is missing (`plan` needs none). A
-  later mixture (the paper raises non-English and math shares during training, without numbers) is a stage of
-  its own with `data=dict(sources=E.named_sources({...}))` (per stage, as the long-context anneal does).
+  later mixture (the paper raises the non-English and math shares during training, without numbers: none is
+  set here) is a phase's `weights`, e.g. `E.phase(8192, 2048, weights={"multilingual": 0.12})`, in the same
+  document stream and LR schedule; a stage's own mixture is its `data=dict(sources=...)`, as the anneal's.
 """
 
 from llama_jax import experiment as E

@@ -52,8 +52,14 @@ def optim(peak_lr: float, warmup_steps: int, decay: str = "cosine", final_lr_rat
                 schedule_steps=int(schedule_steps))
 
 
-def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dict:
-    return dict(seq_len=int(seq_len), global_batch=int(global_batch), until_tokens=int(until_tokens))
+def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0,
+          weights: Mapping[str, float] | None = None) -> dict:
+    """One batch shape of a stage; `weights` ({source name: weight}) changes the named sources' mixture weights
+    for this phase only (the others keep the stage's), in the stage's one document stream and LR schedule."""
+    out = dict(seq_len=int(seq_len), global_batch=int(global_batch), until_tokens=int(until_tokens))
+    if weights:
+        out["weights"] = {str(name): float(weight) for name, weight in weights.items()}
+    return out
 
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,

@@ -1,7 +1,8 @@
 """The paper variants train only on the user's files: Meta's tokenizer and the paper's mixture by source name.
 
 Without them a run stops before building anything (no workdir, corpus or tokenizer written), in one line naming
-each missing knob; with them (tiny stand-ins here) the mixture's weights reach the data pipeline."""
+each missing knob; with them (tiny stand-ins here) the mixture's weights reach the data pipeline, and a phase's
+`weights` change the mixture within a stage's one stream."""
 
 import collections
 import importlib.util
@@ -13,9 +14,11 @@ import pytest
 from array_record.python import array_record_module
 
 from llama_jax import experiment as E
+from llama_jax.data import batch as batch_lib
 from llama_jax.data import pipeline, tokenizer
 from llama_jax.stages import KINDS
-from llama_jax.train import driver
+from llama_jax.stages.pretrain import Pretrain
+from llama_jax.train import driver, kind as kind_lib, stream as stream_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PAPER_PRETRAIN = ["llama3.1-8b", "llama3.1-70b", "llama3.1-405b"]
@@ -116,17 +119,30 @@ def _rows_per_source(data_cfg: dict, tok, rows: int) -> collections.Counter:
     return counts
 
 
-def test_given_files_carry_the_mixture_weights_into_the_pipeline(tmp_path):
-    inputs = tmp_path / "inputs"
+@pytest.fixture(scope="module")
+def given(tmp_path_factory):
+    """(tokenizer path, {source name: ArrayRecord file}): tiny stand-ins for Meta's tokenizer and the paper data."""
+    inputs = tmp_path_factory.mktemp("given") / "inputs"
     inputs.mkdir()
+    names = MIX_NAMES + ["high_quality"]
     tok_path = str(inputs / "tokenizer.model")
-    tok = tokenizer.train_bpe([f"{n} document {i} about {n}" for n in MIX_NAMES for i in range(20)], 300, tok_path)
-    c = _load("long_context").get_config("paper")
-    c.tokenizer = tok_path
-    for name in c.data.paths:
-        c.data.paths[name] = _array_record(inputs / f"{name}.array_record",
-                                           [f"{name} document {i} " * 3 for i in range(40)])
+    tokenizer.train_bpe([f"{n} document {i} about {n}" for n in names for i in range(20)], 300, tok_path)
+    return tok_path, {n: _array_record(inputs / f"{n}.array_record", [f"{n} document {i} " * 3 for i in range(40)])
+                      for n in names}
+
+
+def _given_config(name, variant, given):
+    c = _load(name).get_config(variant)
+    c.tokenizer = given[0]
+    for source in c.data.paths:
+        c.data.paths[source] = given[1][source]
     driver.check_inputs(c)  # nothing missing
+    return c
+
+
+def test_given_files_carry_the_mixture_weights_into_the_pipeline(given):
+    c = _given_config("long_context", "paper", given)
+    tok = tokenizer.Tokenizer.from_file(given[0])
     stages = E.resolve(c, KINDS)
     for stage, rows in ((stages[0], 200), (stages[-1], 2000)):
         data_cfg = E.thaw(stage.data)
@@ -134,3 +150,41 @@ def test_given_files_carry_the_mixture_weights_into_the_pipeline(tmp_path):
         counts = _rows_per_source(data_cfg, tok, rows)
         for s in data_cfg["sources"]:
             assert counts[s["name"]] / rows == pytest.approx(s["weight"], abs=0.01), (stage.name, s["name"])
+
+
+def test_a_phase_changes_the_mixture_within_one_stream_and_schedule(given):
+    c = _given_config("pretrain", "llama3.1-8b", given)
+    later = {"general_knowledge": 0.3, "multilingual": 0.28}  # e.g. more non-English later in training
+    c.stages = [E.stage("pretrain", [E.phase(16, 20, until_tokens=10 * 320), E.phase(16, 20, weights=later)],
+                        E.optim(1e-3, 1), steps=20)]
+    (stage,) = E.resolve(c, KINDS)
+    assert [dict(p.weights) for p in stage.phases] == [{}, later] and stage.schedule_steps == 20
+    names = [s["name"] for s in stage.data["sources"]]
+    counts = [collections.Counter(), collections.Counter()]
+
+    class Recording(Pretrain):  # the rows' sources, from the host-only document ids the stream takes off
+        def train_iterator(self, ctx, phase, start_documents):
+            it = super().train_iterator(ctx, phase, start_documents)
+
+            class Counted:
+                def __next__(self_inner):
+                    batch = next(it)
+                    for row in batch[batch_lib.DOCUMENT_KEY]:
+                        counts[phase][names[(int(row[row > 0][0]) - 1) % len(names)]] += 1
+                    return batch
+            return Counted()
+
+    ctx = kind_lib.StageContext(stage=stage, config=c, tokenizer=tokenizer.Tokenizer.from_file(given[0]), mesh=None,
+                                rules=None, writer=None, data_cfg=E.thaw(stage.data), to_device=None, eval_step=None)
+    stream = stream_lib.StageStream(Recording(), ctx)
+    stream.open(0, num_shards=1)
+    for step in range(20):
+        stream.next(step)
+    for phase, weights in ((0, E.PAPER_MIX), (1, dict(E.PAPER_MIX, **later))):
+        assert sum(counts[phase].values()) == 200
+        for name, weight in weights.items():
+            assert counts[phase][name] / 200 == pytest.approx(weight, abs=0.01), (phase, name)
+    c.stages = [E.stage("pretrain", [E.phase(16, 20, weights={"cod": 0.5})], E.optim(1e-3, 1), steps=2)]
+    with pytest.raises(ValueError, match=r"stage 'pretrain' phase 0: mixture weights name unknown data source\(s\) "
+                                         r"\['cod'\]"):
+        E.resolve(c, KINDS)

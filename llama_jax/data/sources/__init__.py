@@ -172,6 +172,24 @@ def with_paths(entries: Sequence[Mapping[str, Any]], paths: Mapping[str, str] | 
     return [dict(e, path=paths[e["name"]]) if paths.get(e.get("name")) else dict(e) for e in entries]
 
 
+def reweighted(entries: Sequence[Mapping[str, Any]], weights: Mapping[str, float] | None) -> list[dict]:
+    """The source entries with the weights ``weights`` names (a phase's mixture: source name -> weight) in place
+    of their own; a name that is no source, a weight that is not a finite number >= 0, or no positive weight left
+    is an error naming it."""
+    weights = dict(weights or {})
+    names = [e.get("name") for e in entries]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"mixture weights name unknown data source(s) {unknown}; sources: {names}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"mixture weight of data source {name!r} must be a finite number >= 0, got {w!r}")
+    out = [dict(e, weight=float(weights[e["name"]])) if e.get("name") in weights else dict(e) for e in entries]
+    if weights and not any(float(e.get("weight", 1.0)) > 0 for e in out):
+        raise ValueError(f"mixture weights {weights} leave every data source at weight 0")
+    return out
+
+
 def unmapped(cfg: Any) -> list[str]:
     """The names of a data config's sources whose files the user has not given yet: named in ``paths`` and with
     no path once :func:`with_paths` has applied them (in source order)."""
@@ -181,4 +199,4 @@ def unmapped(cfg: Any) -> list[str]:
 
 
 __all__ = ["BUILTIN", "KINDS", "PACKINGS", "SPLITS", "SourceKind", "SourceSpec", "config_value", "lookup",
-           "parse_sources", "unmapped", "with_paths"]
+           "parse_sources", "reweighted", "unmapped", "with_paths"]
