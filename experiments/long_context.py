@@ -74,7 +74,7 @@ def _tiny(a):
     return c
 
 
-# The anneal's mixture: the paper upsamples "very high quality data sources" (§3.4.3) without giving shares; a
+# The anneal's mixture: the paper upsamples very-high-quality data sources (§3.4.3) without giving shares; a
 # user-mapped `high_quality` source at 30% of the mix and the pretraining mix scaled to 70% is a choice (the share
 # of the paper's data-value probe, §3.1.3).
 ANNEAL_MIX = dict({name: round(0.7 * weight, 4) for name, weight in E.PAPER_MIX.items()}, high_quality=0.3)

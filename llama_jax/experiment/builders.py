@@ -101,8 +101,8 @@ def data_value_probe(start_from: str, sources: list[dict], new_source: dict, wei
             for name, mix in (("probe_base", base), ("probe_new", new))]
 
 
-# Llama 3's pretraining data mix (section 3.1.2: "roughly 50% of tokens corresponding to general knowledge, 25%
-# of mathematical and reasoning tokens, 17% code tokens, and 8% multilingual tokens"), by source name.
+# Llama 3's pretraining data mix (section 3.1.2: roughly 50% general-knowledge tokens, 25% mathematical and
+# reasoning, 17% code and 8% multilingual), by source name.
 PAPER_MIX = {"general_knowledge": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}
 
 

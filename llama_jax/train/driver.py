@@ -40,7 +40,7 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
     tokenizer when `config.tokenizer_required` (no embedded fallback), and the files of every source named in
     `data.paths` that still has none (the experiment's or a stage's data; `experiment.require_files`). One line
     names everything missing and the knob that sets it."""
-    missing = []
+    missing = []  # (whether a given tokenizer file exists is checked once `config.prepare` has run: it may write it)
     if c.get("tokenizer_required", False) and not c.tokenizer:
         missing.append("Meta's tokenizer.model (set --config.tokenizer=PATH)")
     data = c.data.to_dict()
