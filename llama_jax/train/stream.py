@@ -98,8 +98,9 @@ class StageStream:
         phase = self.ctx.stage.phase_at(step)
         if phase != self.phase:
             p = self.ctx.stage.phases[phase]
-            logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d)", self.ctx.stage.name,
-                         self.phase, phase, step, p.seq_len, p.global_batch)
+            logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d, mixture weights %s)",
+                         self.ctx.stage.name, self.phase, phase, step, p.seq_len, p.global_batch,
+                         dict(p.weights) or "the stage's")
             nxt = {k: [c + 1 if c >= 0 else s for s, c in zip(self.start[k], self.consumed[k])] for k in self.start}
             rows = [nxt.get(k, [0] * len(self.sources)) for k in range(self.num_shards)]  # only local rows are read
             self.open(phase, self.num_shards, rows)
