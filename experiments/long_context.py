@@ -22,8 +22,11 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   and ~800B tokens, not the lengths: these are a choice), 4M tokens per batch throughout (batch 256 x 16K ...
   32 x 128K), about 133B tokens per stage, context parallelism 8 x FSDP, blockwise attention, full remat, the
   chunked loss; each stage gated by short-context (8K) loss recovery (tolerance 0.02) and perfect needle
-  retrieval (threshold 1.0); then `anneal` over 40M tokens at 128K (LR linear 0, high-quality upsampled; point
-  `data.sources` at your corpus) averaging the last 5 checkpoints. Hardware: 64+ H100s; not run here.
+  retrieval (threshold 1.0); then `anneal` over 40M tokens at 128K (LR linear 0, the `high_quality` source
+  upsampled: `ANNEAL_MIX`) averaging the last 5 checkpoints. Hardware: 64+ H100s; not run here.
+  Data: the paper's mix by name (`experiment.PAPER_MIX`, §3.1.2) plus `high_quality`, and Meta's tokenizer:
+  `--config.tokenizer=PATH --config.data.paths.general_knowledge=PATH` (and `math_reasoning`, `code`,
+  `multilingual`, `high_quality`); the run stops, naming what is missing, until all are given.
 """
 
 from llama_jax import experiment as E
@@ -71,10 +74,16 @@ def _tiny(a):
     return c
 
 
+# The anneal's mixture: the paper upsamples very-high-quality data sources (§3.4.3) without giving shares; a
+# user-mapped `high_quality` source at 30% of the mix and the pretraining mix scaled to 70% is a choice (the share
+# of the paper's data-value probe, §3.1.3).
+ANNEAL_MIX = dict({name: round(0.7 * weight, 4) for name, weight in E.PAPER_MIX.items()}, high_quality=0.3)
+
+
 def _paper():
     c = E.base_config()
-    c.data.sources = [dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
-                      dict(name="stdlib_prose", kind="corpus", path="prose", weight=0.3)]
+    c.data.sources = E.named_sources(E.PAPER_MIX)  # §3.1.2; the user maps each to files (data.paths)
+    E.require_files(c, ANNEAL_MIX)  # every source of either mix, and Meta's tokenizer.model (config.tokenizer)
     c.model.preset = "llama3.1-8b"
     c.model.update(dtype="bfloat16", remat="full", attention="auto")
     c.mesh.update(data=1, fsdp=-1, context=8)
@@ -93,7 +102,8 @@ def _paper():
                           tokens=int(135e9), kind="long_context", loss_chunk=4096,
                           options=dict(gates, needle_lengths=[131_072])))
     stages.append(E.stage("anneal", [E.phase(131_072, 32)], E.optim(3e-5, 0, decay="linear", final_lr_ratio=0.0),
-                          tokens=int(40e6), kind="anneal", loss_chunk=4096, options=dict(average_last=5)))
+                          tokens=int(40e6), kind="anneal", loss_chunk=4096, options=dict(average_last=5),
+                          data=dict(sources=E.named_sources(ANNEAL_MIX))))
     c.stages = stages
     return c
 

@@ -97,7 +97,7 @@ def get_config(arg: str | None = None):
         preset, tensor = _PAPER[a.size]
         c = E.base_config()
         _init(c, a.init, a.init_stage)
-        c.tokenizer = a.tokenizer
+        c.tokenizer, c.tokenizer_required = a.tokenizer, True  # Meta's tokenizer.model, no embedded fallback
         c.model.preset = preset
         c.model.dtype = "bfloat16"
         c.model.remat = "save_dots_no_batch"

@@ -10,11 +10,12 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   from 8.35 (ln 4096) to about 5.5; validation loss 6.3 / 5.8 / 5.65 (perplexity ~285) at steps 100 / 200 / 300;
   samples that look like Python and docstring prose. Knobs: steps, lr, batch, seq_len, warmup, layers, data (a
   .jsonl file/glob or text files to train on instead of the embedded corpus), stages (2 adds a long-context
-  stage that doubles the sequence length with a 10x lower LR, as in the paper's recipe shape). The other
-  variants take only `data`; a knob a variant does not use is an error.
+  stage that doubles the sequence length with a 10x lower LR, as in the paper's recipe shape). `llama3.2-1b`
+  takes only `data`, the paper variants no knob; a knob a variant does not use is an error.
 * `llama3.2-1b` — Llama 3.2 1B architecture (tied embeddings), 8K sequences, 4M-token batches, LR 3e-4.
-  Hardware: one 8xH100 node or a TPU v5p-32; point `data.sources` at your tokenized corpus and `tokenizer`
-  at Meta's tokenizer.model.
+  Not a paper variant (Llama 3.2 is not in the paper). Hardware: one 8xH100 node or a TPU v5p-32; give your
+  corpus as `data=PATH` and Meta's tokenizer.model as `--config.tokenizer=PATH` (without them it trains on
+  the embedded corpus with the embedded tokenizer).
 * `llama3.1-8b`, `llama3.1-70b`, `llama3.1-405b` — the paper's recipe (§3.4): peak LR 3e-4 / 1.5e-4 / 8e-5,
   8,000 warm-up steps, cosine decay to 1% of peak over the paper's 1,200,000-step schedule (`schedule_steps`;
   the 15.6T tokens at the batch ramp take about 1.1M steps, so training ends before the floor); the 405B
@@ -24,6 +25,16 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   paper's: the model keeps the 3.1 RoPE scaling (the preset's) during the 8K pretraining stage.
   Hardware: 8B on 64+ H100s, 70B on 512+, 405B on 8,192-16,384 H100s (TP 8, FSDP over the rest) or the
   equivalent TPU pods. Runtimes: 1.46M / 7.0M / 30.84M H100-hours (model card).
+  Data, as the paper (§3.1.2): the mix by source name, general_knowledge 0.50, math_reasoning 0.25, code 0.17,
+  multilingual 0.08 (`experiment.PAPER_MIX`), each mapped by you to its files (ArrayRecord shards with a `text`
+  field, as `python -m llama_jax.curate` writes: a choice), and Meta's tokenizer.model:
+      python -m llama_jax.main --config=experiments/pretrain.py:llama3.1-8b --workdir=DIR \
+        --config.tokenizer=tokenizer.model --config.data.paths.general_knowledge='web/part-*.array_record' \
+        --config.data.paths.math_reasoning=... --config.data.paths.code=... --config.data.paths.multilingual=...
+  Until all are given the run stops before building anything, naming what is missing (`plan` needs none). A
+  later mixture (the paper raises the non-English and math shares during training, without numbers: none is
+  set here) is a phase's `weights`, e.g. `E.phase(8192, 2048, weights={"multilingual": 0.12})`, in the same
+  document stream and LR schedule; a stage's own mixture is its `data=dict(sources=...)`, as the anneal's.
 """
 
 from llama_jax import experiment as E
@@ -42,7 +53,7 @@ def get_config(arg: str | None = None):
     repeated (attention "auto" picks cuDNN flash attention on GPU and splash on TPU)."""
     a = E.parse_arg(arg, variant="tiny", steps=300, lr=3e-3, batch=16, seq_len=256, stages=1, warmup=30, data="",
                     layers=4)
-    E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else ("data",))
+    E.check_knobs(arg, a.variant, _TINY_KNOBS if a.variant == "tiny" else () if a.variant in _PAPER else ("data",))
     c = E.base_config()
     c.data.sources = [
         dict(name="stdlib_code", kind="corpus", path="code", weight=0.7),
@@ -86,6 +97,8 @@ def get_config(arg: str | None = None):
         c.checkpoint.update(every_steps=500, keep_every=10_000)
         c.eval.every_steps = 1000
         c.spike.update(window=100, spike_factor=2.0)
+        c.data.sources = E.named_sources(E.PAPER_MIX)  # §3.1.2; the user maps each to files (data.paths)
+        E.require_files(c, E.PAPER_MIX)  # and gives Meta's tokenizer.model (config.tokenizer)
         # 405B batch ramp (§3.4.1): 4M tokens at 4,096 -> 8M at 8,192 after 252M -> 16M after 2.87T tokens.
         phases = [E.phase(4096, 1024, until_tokens=252e6), E.phase(8192, 1024, until_tokens=2.87e12),
                   E.phase(8192, 2048)]

@@ -34,8 +34,8 @@ LOCK = ".lock"
 # Config keys that define what the checkpoints hold and which data they saw. Changing one of them under an
 # existing workdir is refused unless explicitly allowed; the others (intervals, eval, samples, mesh, caches,
 # debug aids) may change between restarts.
-DEFINING_KEYS = ("seed", "model", "tokenizer", "data.sources", "data.shuffle", "stages", "init_from", "init_stage",
-                 "prepare")
+DEFINING_KEYS = ("seed", "model", "tokenizer", "data.sources", "data.paths", "data.shuffle", "stages", "init_from",
+                 "init_stage", "prepare")
 
 
 def config_path(workdir: str) -> str:

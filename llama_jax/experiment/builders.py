@@ -7,7 +7,7 @@ Pure data: nothing here imports JAX or touches a file, so loading a config is ch
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import ml_collections
 
@@ -52,8 +52,14 @@ def optim(peak_lr: float, warmup_steps: int, decay: str = "cosine", final_lr_rat
                 schedule_steps=int(schedule_steps))
 
 
-def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0) -> dict:
-    return dict(seq_len=int(seq_len), global_batch=int(global_batch), until_tokens=int(until_tokens))
+def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0,
+          weights: Mapping[str, float] | None = None) -> dict:
+    """One batch shape of a stage; `weights` ({source name: weight}) changes the named sources' mixture weights
+    for this phase only (the others keep the stage's), in the stage's one document stream and LR schedule."""
+    out = dict(seq_len=int(seq_len), global_batch=int(global_batch), until_tokens=int(until_tokens))
+    if weights:
+        out["weights"] = {str(name): float(weight) for name, weight in weights.items()}
+    return out
 
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,
@@ -95,6 +101,29 @@ def data_value_probe(start_from: str, sources: list[dict], new_source: dict, wei
             for name, mix in (("probe_base", base), ("probe_new", new))]
 
 
+# Llama 3's pretraining data mix (section 3.1.2: roughly 50% general-knowledge tokens, 25% mathematical and
+# reasoning, 17% code and 8% multilingual), by source name.
+PAPER_MIX = {"general_knowledge": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}
+
+
+def named_sources(weights: Mapping[str, float]) -> list[dict]:
+    """Data sources by name and weight whose files the user gives (`--config.data.paths.<name>=PATH`, see
+    `require_files`): ArrayRecord shards of JSON records with a `text` field, what `python -m llama_jax.curate`
+    writes (a choice: the one source kind read lazily, by index, as a corpus of trillions of tokens must be).
+    Evaluation reads the same files (`eval_split="all"`; ArrayRecord sources are split beforehand)."""
+    return [dict(name=name, kind="array_record", path="", text_key="text", split="all", eval_split="all",
+                 weight=float(weight)) for name, weight in weights.items()]
+
+
+def require_files(c: ml_collections.ConfigDict, source_names: Iterable[str]) -> None:
+    """Makes `c` a run on the user's files only: Meta's tokenizer.model (`config.tokenizer`, no embedded
+    fallback) and the files of each named source (`config.data.paths.<name>`, empty until set). Until all are
+    given, `llama_jax.main` stops before building anything, in one line naming each missing knob (plan and
+    `experiment.resolve` need none of them)."""
+    c.tokenizer_required = True
+    c.data.paths = ml_collections.ConfigDict({name: "" for name in source_names})
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment."""
     c = ml_collections.ConfigDict()
@@ -102,11 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32", remat="none",
                                              attention="auto", scan_layers=True))
     c.tokenizer = ""  # path to a Meta tokenizer.model; "" = the embedded default tokenizer (trained, cached)
+    c.tokenizer_required = False  # True: no embedded fallback, the run stops until `tokenizer` is given
     # cache_dir: where the embedded corpus and default tokenizer are built ("" = <workdir>/data_cache).
     # host_shards: logical training-data shards split among the processes (0 = the process count when a stage
     # starts); fixed for the stage by its checkpoints, so a restart may use any process count dividing it.
+    # paths: source name -> files, for sources an experiment names and the user maps (`require_files`).
     c.data = ml_collections.ConfigDict(dict(sources=[], shuffle=True, num_workers=0, worker_buffer_size=2,
-                                            cache_dir="", host_shards=0))
+                                            cache_dir="", host_shards=0, paths={}))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, pipe=1, context=1, tensor=1))
     c.sharding_rules = "fsdp"
     # Pipeline parallelism over mesh.pipe > 1 (llama_jax.model.pipeline): virtual stages per device (interleaving),

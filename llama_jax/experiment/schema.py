@@ -11,10 +11,11 @@ A stage: name, kind, phases (batch / sequence-length ramp), steps or tokens, opt
 (positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's choice,
 `resolve_chunk`), optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE
 base or a different mixture) and the kind's `options`, parsed once into the kind's typed options
-(`experiment.options`). Phases: [{seq_len, global_batch, until_tokens}]: a new compiled step per shape, each
-step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's cumulative
-tokens reach `until_tokens` (the last phase runs to the end of the stage). A kind that trains nothing
-(`trains = False`: rejection sampling, averaging) takes no steps or tokens.
+(`experiment.options`). Phases: [{seq_len, global_batch, until_tokens[, weights]}]: a new compiled step per
+shape, each step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's
+cumulative tokens reach `until_tokens` (the last phase runs to the end of the stage); `weights` ({source name:
+weight}) changes those sources' mixture weights for the phase, in the stage's one document stream. A kind
+that trains nothing (`trains = False`: rejection sampling, averaging) takes no steps or tokens.
 
 `kinds` is the table of stage kinds (`llama_jax.stages.KINDS`, or a test's own): name -> kind object with
 `trains`, `parse_options(stage, raw)`, `check(stage)` (see `llama_jax.train.kind.StageKind`). Nothing here
@@ -38,7 +39,7 @@ from llama_jax.sharding import schedule as schedule_lib
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
               "data", "options")
-PHASE_KEYS = ("seq_len", "global_batch", "until_tokens")
+PHASE_KEYS = ("seq_len", "global_batch", "until_tokens", "weights")
 # (config path, minimum, what 0 means or None where 0 is not allowed)
 INTERVALS = (
     ("checkpoint.every_steps", 0, "no periodic checkpoints"),
@@ -103,6 +104,8 @@ class Phase:
     first_step: int
     seq_len: int
     global_batch: int
+    # the mixture weights this phase changes ({source name: weight}; the others keep the stage's data weights)
+    weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def tokens_per_step(self) -> int:
@@ -363,7 +366,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         data.update(dict(st["data"]))
         if not data.get("sources"):
             raise ValueError(f"stage {st['name']!r}: no data sources (config.data.sources is empty)")
-        _check_sources(data["sources"])
+        data["sources"] = _check_sources(data)
         if index > 0:
             init_source = f"previous:{names[index - 1]}"
         elif c.init_from:
@@ -382,7 +385,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
                                  f"stage; earlier stages: {names[:index]}")
         stage = Stage(index=index, name=st["name"], kind=st["kind"], model=model_cfg,
                       optim=_optim_config(st, total, kind.trains), data=_freeze(data),
-                      phases=tuple(Phase(first, seq_len, batch) for first, seq_len, batch in bounds),
+                      phases=_phases(st, bounds, data["sources"]),
                       total_steps=total, grad_accum=int(st["grad_accum"]),
                       loss_chunk=resolve_chunk(int(st["loss_chunk"])),
                       init_source=init_source, seed=int(c.seed), options=options, stream_index=index,
@@ -395,6 +398,21 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
     for stage in stages:
         streams.setdefault(stage.stream_index, []).extend(p.global_batch for p in stage.phases)
     return [dataclasses.replace(s, stream_batches=tuple(streams[s.stream_index])) for s in stages]
+
+
+def _phases(st: Any, bounds: list[tuple[int, int, int]], sources) -> tuple[Phase, ...]:
+    """The stage's typed phases; a phase's mixture `weights` must name the stage's sources (checked here)."""
+    from llama_jax.data import sources as sources_lib  # noqa: PLC0415 - the table of source kinds (no JAX)
+
+    out = []
+    for i, (first, seq_len, batch) in enumerate(bounds):
+        weights = dict(st["phases"][i].get("weights") or {})
+        try:
+            sources_lib.reweighted(sources, weights)
+        except ValueError as e:
+            raise ValueError(f"stage {st['name']!r} phase {i}: {e}") from None
+        out.append(Phase(first, seq_len, batch, types.MappingProxyType(weights)))
+    return tuple(out)
 
 
 def init_directory(init_from: str, init_stage: str = "") -> str:
@@ -436,15 +454,21 @@ def prepare(c: ml_collections.ConfigDict) -> None:
         fn(**dict(item.get("kwargs", {})))
 
 
-def _check_sources(sources) -> None:
+def _check_sources(data: Mapping[str, Any]) -> list[dict]:
+    """The data config's sources with `data.paths` applied; every given path must exist. A source left for the
+    user to map (named in `data.paths`, still empty) passes: `plan` needs no data, and the run stops before
+    building anything until it is given (`train.driver.check_inputs`)."""
     from llama_jax.data import sources as sources_lib  # noqa: PLC0415 - the table of source kinds (no JAX)
 
+    sources = sources_lib.with_paths(data["sources"], data.get("paths"))
+    unmapped = set(sources_lib.unmapped(data))
     for s in sources:
-        if s.get("kind", "corpus") in sources_lib.BUILTIN:  # built in, no files
+        if s.get("kind", "corpus") in sources_lib.BUILTIN or s.get("name") in unmapped:  # no files / not yet given
             continue
         path = s.get("path")
         if not path or not (os.path.exists(path) or glob.glob(path)):
             raise FileNotFoundError(f"data source {s.get('name')!r}: path {path!r} does not exist")
+    return sources
 
 
 def resolve_model(c: ml_collections.ConfigDict, st: Any = None) -> model_config.ModelConfig:

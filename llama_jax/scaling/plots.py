@@ -64,9 +64,9 @@ def power_laws(path: str, minima: Sequence[Mapping[str, Any]], fits: Mapping[str
 
 def downstream(path: str, points: Sequence[Mapping[str, Any]], line: tuple[float, float] | None,
                runs: Sequence[Mapping[str, Any]], sig: tuple[float, float] | None, chance: float,
-               forecast: Mapping[str, float] | None = None) -> None:
-    """Left: normalized NLL of compute-optimal models against FLOPs with the linear fit. Right: accuracy against
-    NLL for every run with the sigmoid."""
+               forecast: Mapping[str, float] | None = None, anchors: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Left: normalized NLL of compute-optimal models against FLOPs with the linear fit (and the anchors, not in
+    it). Right: accuracy against NLL for every run and anchor with the sigmoid."""
     from llama_jax.scaling import fit  # noqa: PLC0415
 
     plt = _pyplot()
@@ -80,10 +80,16 @@ def downstream(path: str, points: Sequence[Mapping[str, Any]], line: tuple[float
             ax1.plot(grid, line[0] * np.log10(grid) + line[1], label=f"{line[0]:.3f} log10 C + {line[1]:.3f}")
         if forecast:
             ax1.scatter([forecast["flops"]], [forecast["mc_nll"]], marker="x", color="red", s=60, label="forecast")
+    if anchors:
+        ax1.scatter([a["flops"] for a in anchors], [a["mc_nll"] for a in anchors], marker="s", facecolors="none",
+                    edgecolors="tab:blue", label="anchors (not in the line)")
     ax1.set(xscale="log", xlabel="compute (FLOPs)", ylabel="normalized NLL of the correct choice (nats/char)")
     ax1.legend(fontsize=7)
-    x = np.asarray([r["mc_nll"] for r in runs])
-    ax2.scatter(x, [r["mc_acc"] for r in runs], s=14, color="black", label="runs")
+    x = np.asarray([r["mc_nll"] for r in [*runs, *anchors]])
+    ax2.scatter([r["mc_nll"] for r in runs], [r["mc_acc"] for r in runs], s=14, color="black", label="runs")
+    if anchors:
+        ax2.scatter([a["mc_nll"] for a in anchors], [a["mc_acc"] for a in anchors], marker="s",
+                    facecolors="none", edgecolors="tab:blue", label="anchors")
     if sig is not None and x.size:
         grid = np.linspace(min(x.min(), forecast["mc_nll"] if forecast else x.min()) - 0.05, x.max() + 0.05, 100)
         ax2.plot(grid, fit.sigmoid(grid, *sig, chance=chance), label=f"sigmoid k={sig[0]:.3g}, x0={sig[1]:.3g}")

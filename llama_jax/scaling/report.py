@@ -1,7 +1,10 @@
 """Re-fits a sweep from its recorded runs and writes the report and plots (`python -m llama_jax.scaling fit`).
 
-Reads `<workdir>/runs.jsonl` (runs with `status` other than "ok" are left out and listed) and `sweep.json`
-(the forecast target), and writes into the workdir:
+Reads `<workdir>/runs.jsonl` (runs with `status` other than "ok" are left out and listed), `sweep.json`
+(the forecast target) and, when given, an anchors file: models beyond the sweep (the paper adds Llama 2 models)
+whose (FLOPs, NLL, accuracy) join the sweep's runs in the downstream forecast's second step, the sigmoid from
+NLL to accuracy (not the first, the line of compute-optimal NLL in FLOPs); `read_anchors` gives its format. It
+writes into the workdir:
   fit.json   minima per budget, power laws (tokens and params) with bootstrap intervals, forecasts, downstream
   fit.txt    the same in a few lines
   plots/isoflop.png, plots/power_laws.png, plots/downstream.png
@@ -9,6 +12,7 @@ Reads `<workdir>/runs.jsonl` (runs with `status` other than "ok" are left out an
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -42,8 +46,58 @@ def _read(workdir: str) -> tuple[list[dict], dict]:
     return runs, sweep
 
 
-def fit_workdir(workdir: str, forecast_flops: float = 0.0, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Fits the runs recorded in `workdir`, writes fit.json, fit.txt and plots/; returns the report."""
+ANCHOR_COLUMNS = ("flops", "nll", "accuracy")
+
+
+def read_anchors(path: str) -> list[dict]:
+    """The rows of an anchors file: CSV with a header naming at least the columns `flops`, `nll` (normalized NLL
+    of the correct choice, nats per character, on the sweep's multiple-choice set) and `accuracy` (on the same
+    set), in any order, and optionally `name`; one model per row, blank lines skipped. Each row becomes
+    `{"name", "flops", "mc_nll", "mc_acc"}`. A malformed file (missing, no header or a header without those
+    columns, a row of another width, a value that is not a finite number, FLOPs <= 0, NLL < 0, accuracy outside
+    [0, 1], no rows) is a ValueError naming the file and the line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--anchors={path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        try:
+            rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f"{path}: not a CSV file ({e})") from None
+    numbered = [(number, row) for number, row in enumerate(rows, 1) if any(cell.strip() for cell in row)]
+    if not numbered:
+        raise ValueError(f"{path}: empty; expected a header {','.join(ANCHOR_COLUMNS)} and one row per model")
+    header_line, header = numbered[0]
+    header = [cell.strip().lower() for cell in header]
+    missing = [c for c in ANCHOR_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}, line {header_line}: the header {','.join(header)} lacks column(s) "
+                         f"{', '.join(missing)}; expected {','.join(ANCHOR_COLUMNS)}[,name]")
+    anchors = []
+    for number, row in numbered[1:]:
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {number}: {len(row)} values for the header's {len(header)} columns")
+        cells = dict(zip(header, (cell.strip() for cell in row)))
+        try:
+            values = {c: float(cells[c]) for c in ANCHOR_COLUMNS}
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: {', '.join(f'{c}={cells[c]!r}' for c in ANCHOR_COLUMNS)}: "
+                             "each must be a number") from None
+        flops, nll, acc = (values[c] for c in ANCHOR_COLUMNS)
+        if not all(math.isfinite(v) for v in values.values()) or flops <= 0 or nll < 0 or not 0 <= acc <= 1:
+            raise ValueError(f"{path}, line {number}: flops={cells['flops']}, nll={cells['nll']}, accuracy="
+                             f"{cells['accuracy']}: need finite flops > 0, nll >= 0 and accuracy in [0, 1]")
+        anchors.append({"name": cells.get("name") or f"line {number}", "flops": flops, "mc_nll": nll,
+                        "mc_acc": acc})
+    if not anchors:
+        raise ValueError(f"{path}: a header but no rows; expected one row per model")
+    return anchors
+
+
+def fit_workdir(workdir: str, forecast_flops: float = 0.0, bootstrap: int = 1000, seed: int = 0,
+                anchors: str = "") -> dict[str, Any]:
+    """Fits the runs recorded in `workdir` (and, in the sigmoid, the models of the `anchors` file, if any),
+    writes fit.json, fit.txt and plots/; returns the report."""
+    anchor_rows = read_anchors(anchors) if anchors else []
     runs, sweep = _read(workdir)
     ok = [r for r in runs if r.get("status", "ok") == "ok"]
     failed = [r.get("name", "?") for r in runs if r.get("status", "ok") != "ok"]
@@ -70,15 +124,17 @@ def fit_workdir(workdir: str, forecast_flops: float = 0.0, bootstrap: int = 1000
     a, alpha = PAPER["tokens"]
     report["paper"] = {"tokens": {"A": a, "alpha": alpha, "forecast_flops": PAPER_FLOPS,
                                   "forecast": fit.forecast(a, alpha, PAPER_FLOPS)}}
-    report["downstream"] = _downstream(ok, minima, target)
+    report["downstream"] = _downstream(ok, minima, target, anchor_rows)
+    if anchors:
+        report["downstream"]["anchors_file"] = os.path.abspath(anchors)
     _write(workdir, report, groups, minima, target)
     return report
 
 
-def _downstream(runs: list[dict], minima: list[dict], target: float) -> dict[str, Any]:
+def _downstream(runs: list[dict], minima: list[dict], target: float, anchors: list[dict]) -> dict[str, Any]:
     scored = [r for r in runs if "mc_nll" in r and "mc_acc" in r and math.isfinite(r["mc_nll"])]
     points = fit.downstream_points(scored, minima)
-    out: dict[str, Any] = {"points": points, "chance": CHANCE}
+    out: dict[str, Any] = {"points": points, "chance": CHANCE, "anchors": anchors}
     if len(points) >= 2:
         slope, icpt = fit.linear_fit([math.log10(p["flops"]) for p in points], [p["mc_nll"] for p in points])
         out["nll_line"] = {"slope_per_decade": slope, "intercept": icpt}
@@ -86,8 +142,10 @@ def _downstream(runs: list[dict], minima: list[dict], target: float) -> dict[str
     else:
         out["nll_line_skipped"] = f"{len(points)} compute-optimal NLL point(s); a line needs 2"
     try:
-        k, x0 = fit.sigmoid_fit([r["mc_nll"] for r in scored], [r["mc_acc"] for r in scored], CHANCE)
-        out["sigmoid"] = {"k": k, "x0": x0}
+        sigmoid_points = scored + anchors  # step 2 only: the anchors are not compute-optimal sweep models
+        k, x0 = fit.sigmoid_fit([r["mc_nll"] for r in sigmoid_points], [r["mc_acc"] for r in sigmoid_points],
+                                CHANCE)
+        out["sigmoid"] = {"k": k, "x0": x0, "runs": len(scored), "anchors": len(anchors)}
         if "forecast" in out:
             out["forecast"]["mc_acc"] = float(fit.sigmoid(out["forecast"]["mc_nll"], k, x0, CHANCE))
     except ValueError as e:
@@ -111,11 +169,11 @@ def _write(workdir: str, report: dict, groups, minima, target: float) -> None:
                          reference=PAPER)
     d = report["downstream"]
     scored = [r for g in groups.values() for r in g if "mc_nll" in r and "mc_acc" in r]
-    if scored:
+    if scored or d["anchors"]:
         sig = (d["sigmoid"]["k"], d["sigmoid"]["x0"]) if "sigmoid" in d else None
         line = (d["nll_line"]["slope_per_decade"], d["nll_line"]["intercept"]) if "nll_line" in d else None
         plots.downstream(os.path.join(pdir, "downstream.png"), d["points"], line, scored, sig, CHANCE,
-                         d.get("forecast") if sig is not None else None)
+                         d.get("forecast") if sig is not None else None, anchors=d["anchors"])
     tmp = os.path.join(workdir, "fit.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
@@ -152,8 +210,10 @@ def summary(report: dict) -> str:
         lines.append(f"downstream step 1: mc_nll = {d['nll_line']['slope_per_decade']:.4f} * log10(C) + "
                      f"{d['nll_line']['intercept']:.4f} ({len(d['points'])} compute-optimal points)")
     if "sigmoid" in d:
+        fitted = f"{d['sigmoid']['runs']} runs" + (f" + {d['sigmoid']['anchors']} anchors from "
+                                                     f"{d['anchors_file']}" if d["sigmoid"]["anchors"] else "")
         lines.append(f"downstream step 2: acc = 0.25 + 0.75 / (1 + exp({d['sigmoid']['k']:.4g} * (nll - "
-                     f"{d['sigmoid']['x0']:.4g})))")
+                     f"{d['sigmoid']['x0']:.4g}))) ({fitted})")
     if "forecast" in d and "mc_acc" in d["forecast"]:
         lines.append(f"downstream forecast at {target:.3g} FLOPs: mc_nll {d['forecast']['mc_nll']:.4f}, "
                      f"accuracy {d['forecast']['mc_acc']:.3f}")

@@ -1,6 +1,7 @@
 """The experiment driver: runs an experiment's typed stages in order, shared by every stage kind.
 
-`run_experiment(config, workdir, kinds)` resolves the config once (`experiment.resolve(config, kinds)`), checks it
+`run_experiment(config, workdir, kinds)` first stops a run whose required files are not given (`check_inputs`),
+then resolves the config once (`experiment.resolve(config, kinds)`), checks it
 against the workdir, builds the mesh, rules and tokenizer, and runs each unfinished stage with a
 `stage_run.StageRun` (the resume order: `train.resume`). A finished stage leaves
 `<workdir>/stages/<name>/DONE.json` and is skipped on restart. A config whose defining keys
@@ -25,6 +26,7 @@ from absl import logging
 from llama_jax import experiment
 from llama_jax import workdir as workdir_lib
 from llama_jax.data import corpus as corpus_lib
+from llama_jax.data import sources as sources_lib
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.sharding import rules as rules_lib
@@ -32,6 +34,27 @@ from llama_jax.train import fit
 from llama_jax.train import kind as kind_lib
 from llama_jax.train import metrics as metrics_lib
 from llama_jax.train.stage_run import Preempted, StageRun
+
+
+def check_inputs(c: ml_collections.ConfigDict) -> None:
+    """Stops a run, before anything is built or written, while a file its config requires is not given: the
+    tokenizer when `config.tokenizer_required` (no embedded fallback), and the files of every source named in
+    `data.paths` that still has none (the experiment's or a stage's data; `experiment.require_files`). One line
+    names everything missing and the knob that sets it."""
+    missing = []  # (whether a given tokenizer file exists is checked once `config.prepare` has run: it may write it)
+    if c.get("tokenizer_required", False) and not c.tokenizer:
+        missing.append("Meta's tokenizer.model (set --config.tokenizer=PATH)")
+    data = c.data.to_dict()
+    names, kinds = [], set()
+    for cfg in [data] + [dict(data, **dict(st.get("data", {}))) for st in c.stages]:
+        new = [name for name in sources_lib.unmapped(cfg) if name not in names]
+        names += new
+        kinds |= {str(e.get("kind")) for e in cfg["sources"] if e.get("name") in new}
+    if names:
+        missing.append(f"the files of data source{'s' if len(names) > 1 else ''} {', '.join(names)} (set "
+                       f"--config.data.paths.<name>=PATH for each: {' / '.join(sorted(kinds))} files)")
+    if missing:
+        raise ValueError(f"this experiment trains only on files you give, and is missing {'; and '.join(missing)}")
 
 
 def load_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
@@ -94,6 +117,7 @@ def run_experiment(c: ml_collections.ConfigDict, workdir: str, kinds: Mapping[st
     stage_run: the class that runs a stage (tests substitute one that injects faults).
     """
     kind_lib.check_table(kinds)
+    check_inputs(c)
     experiment.prepare(c)
     stages = experiment.resolve(c, kinds)
     for stage in stages:
@@ -177,4 +201,4 @@ def _trained_anything(workdir: str, stored) -> bool:
                or os.path.exists(workdir_lib.done_path(workdir, n)) for n in set(names))
 
 
-__all__ = ["Preempted", "Preemption", "load_tokenizer", "run_experiment"]
+__all__ = ["Preempted", "Preemption", "check_inputs", "load_tokenizer", "run_experiment"]

@@ -1,8 +1,9 @@
 """A stage's one data stream across its phases, and the host-side progress saved with each checkpoint.
 
-`StageStream` is the kind's train iterator at the current phase's shape, continued at each phase change from
-the documents not yet used; `StageState` is what a checkpoint's metadata records of the stage's progress
-(phase, tokens, rollbacks, skipped windows, and each logical data shard's stream position).
+`StageStream` is the kind's train iterator at the current phase's shape and mixture weights (a phase's
+`weights`), continued at each phase change from the documents not yet used; `StageState` is what a checkpoint's
+metadata records of the stage's progress (phase, tokens, rollbacks, skipped windows, and each logical data
+shard's stream position).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from absl import logging
 
 from llama_jax.data import batch as batch_lib
 from llama_jax.data import hosts
+from llama_jax.data import sources as sources_lib
 from llama_jax.train import kind as kind_lib
 
 
@@ -75,9 +77,11 @@ class StageStream:
         if start is not None and len(start) != num_shards:
             raise ValueError(f"data stream state has {len(start)} shard rows, expected {num_shards}")
         p = self.ctx.stage.phases[phase]
+        mix = sources_lib.reweighted(self.ctx.data_cfg["sources"], p.weights)  # the phase's mixture weights
+        data_cfg = dict(self.ctx.data_cfg, sources=mix)
 
         def factory(shard: int, shards: int):
-            ctx = dataclasses.replace(self.ctx, data_shard=(shard, shards),
+            ctx = dataclasses.replace(self.ctx, data_shard=(shard, shards), data_cfg=data_cfg,
                                       readers_here=max(shards // jax.process_count(), 1))
             row = start[shard] if start is not None else [0] * n
             return self.kind.train_iterator(ctx, phase, {name: int(s) for name, s in zip(self.sources, row) if s})
@@ -94,8 +98,9 @@ class StageStream:
         phase = self.ctx.stage.phase_at(step)
         if phase != self.phase:
             p = self.ctx.stage.phases[phase]
-            logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d)", self.ctx.stage.name,
-                         self.phase, phase, step, p.seq_len, p.global_batch)
+            logging.info("stage %r: phase %d -> %d at step %d (seq_len %d, global batch %d, mixture weights %s)",
+                         self.ctx.stage.name, self.phase, phase, step, p.seq_len, p.global_batch,
+                         dict(p.weights) or "the stage's")
             nxt = {k: [c + 1 if c >= 0 else s for s, c in zip(self.start[k], self.consumed[k])] for k in self.start}
             rows = [nxt.get(k, [0] * len(self.sources)) for k in range(self.num_shards)]  # only local rows are read
             self.open(phase, self.num_shards, rows)

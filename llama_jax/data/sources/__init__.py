@@ -26,6 +26,11 @@ Each entry of ``sources`` (a mapping; :meth:`SourceSpec.from_config` validates i
 * ``options``: settings of a kind that takes them (``"passkey"``: :func:`llama_jax.data.passkey.check_options`),
 * ``packing``: ``"concat"`` (default) or ``"whole"`` (:mod:`llama_jax.data.packing`).
 
+A data config's ``paths`` (source name -> path, ``--config.data.paths.<name>=PATH``) gives named sources their
+files: an experiment that declares its mixture by name and leaves the files to the user (the Llama 3 paper
+variants) lists its sources with an empty ``path`` and one ``paths`` entry each; :func:`with_paths` fills them in
+and :func:`unmapped` names those still empty, so that a run stops before building anything (``train.driver``).
+
 Reading (:attr:`SourceKind.read`) returns a source's documents of one split as a random-access sequence of
 texts, in a fixed order: a list (jsonl, text, corpus and passkey sources are read into memory whole) or a lazy
 ``grain.MapDataset`` (ArrayRecord records are read by index). Text must be UTF-8 and a record's text a JSON
@@ -160,5 +165,38 @@ def parse_sources(cfg: Any, key: str = "sources") -> list[SourceSpec]:
     return specs
 
 
+def with_paths(entries: Sequence[Mapping[str, Any]], paths: Mapping[str, str] | None) -> list[dict]:
+    """The source entries with each one that ``paths`` names (``data.paths``: source name -> path) given that
+    path; an empty or absent mapping leaves a source's own ``path``."""
+    paths = dict(paths or {})
+    return [dict(e, path=paths[e["name"]]) if paths.get(e.get("name")) else dict(e) for e in entries]
+
+
+def reweighted(entries: Sequence[Mapping[str, Any]], weights: Mapping[str, float] | None) -> list[dict]:
+    """The source entries with the weights ``weights`` names (a phase's mixture: source name -> weight) in place
+    of their own; a name that is no source, a weight that is not a finite number >= 0, or no positive weight left
+    is an error naming it."""
+    weights = dict(weights or {})
+    names = [e.get("name") for e in entries]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"mixture weights name unknown data source(s) {unknown}; sources: {names}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"mixture weight of data source {name!r} must be a finite number >= 0, got {w!r}")
+    out = [dict(e, weight=float(weights[e["name"]])) if e.get("name") in weights else dict(e) for e in entries]
+    if weights and not any(float(e.get("weight", 1.0)) > 0 for e in out):
+        raise ValueError(f"mixture weights {weights} leave every data source at weight 0")
+    return out
+
+
+def unmapped(cfg: Any) -> list[str]:
+    """The names of a data config's sources whose files the user has not given yet: named in ``paths`` and with
+    no path once :func:`with_paths` has applied them (in source order)."""
+    paths = dict(config_value(cfg, "paths") or {})
+    entries = with_paths(config_value(cfg, "sources") or [], paths)
+    return [e["name"] for e in entries if e.get("name") in paths and not e.get("path")]
+
+
 __all__ = ["BUILTIN", "KINDS", "PACKINGS", "SPLITS", "SourceKind", "SourceSpec", "config_value", "lookup",
-           "parse_sources"]
+           "parse_sources", "reweighted", "unmapped", "with_paths"]
