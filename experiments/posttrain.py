@@ -43,7 +43,8 @@ round's models between rounds, then rerun with `rounds=r --allow_config_change`)
 For size 8b and 70b the samples come from the 405B model (`sampler=<a 405B post-training workdir>`, its last
 stage), the flagship improving the smaller models (§1); `sampler=self` samples the model itself (not the
 paper's). Not given by the paper (our choices): batch sizes (SFT 512 dialogs, RM 512 records, DPO 256 pairs),
-RM and DPO steps (1,000 / 2,000), SFT warm-up (100 steps), the second run's LR of each averaged stage (5e-6),
+RM and DPO steps (1,000 / 2,000), how many of the latest annotation batches DPO reads (1; `dpo_batches` of
+`recipe.round_stages`), SFT warm-up (100 steps), the second run's LR of each averaged stage (5e-6),
 sampling temperature 1.0, the first round with system prompts (2) and the prompts themselves
 (`system_prompts=FILE`, one per line, replaces `STYLE_SYSTEM_PROMPTS`). 8K sequences, bfloat16, FSDP (+ TP 8
 for 70B / 405B). Hardware: as pretraining of the size (experiments/pretrain.py).

@@ -126,7 +126,8 @@ def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     assert avg.kind == "average" and [str(x) for x in avg.options.sources] == ["stage:dpo_r1", "stage:dpo_r1_2"]
     # the paper's starting points and data: SFT fine-tunes the pre-trained model, DPO reads the annotations
     assert by_name["sft_r1"].init_source == "previous:pretrain"
-    assert dpo.init_source == "previous:sft_r1" and dpo.options.preferences == (E.StageRef("ann_r1", "preferences.jsonl"),)
+    assert dpo.init_source == "previous:sft_r1"
+    assert dpo.options.preferences == (E.StageRef("ann_r1", "preferences.jsonl"),)
     assert dpo.options.strengths == ("significantly better", "better")
     assert by_name["ann_r1"].init_source == by_name["rs_r1"].init_source == "previous:sft"
     run = _tiny_workdir(tmp_path / "herd_run")

@@ -31,8 +31,8 @@ def sft_stage(name: str, dialogs: str | list[str], steps: int, seq_len: int, bat
                    options=dict(dialogs=[dialogs] if isinstance(dialogs, str) else list(dialogs), **options))
 
 
-def dpo_stage(name: str, preferences: str | list[str], steps: int, seq_len: int, pairs: int, lr: float = PAPER_DPO_LR,
-              warmup: int = 0, **options) -> dict:
+def dpo_stage(name: str, preferences: str | list[str], steps: int, seq_len: int, pairs: int,
+              lr: float = PAPER_DPO_LR, warmup: int = 0, **options) -> dict:
     return E.stage(name, [E.phase(seq_len, 2 * pairs)], E.optim(lr, warmup, final_lr_ratio=0.1, weight_decay=0.0),
                    steps=steps, kind="dpo",
                    options=dict(preferences=[preferences] if isinstance(preferences, str) else list(preferences),

@@ -118,3 +118,20 @@ def test_start_from_init_from_is_the_runs_starting_model(tmp_path):
     c.stages[0]["name"] = "init_from"
     with pytest.raises(ValueError, match="stage name 'init_from' is reserved"):
         experiment.resolve(c, KINDS)
+
+
+def test_a_round_reads_every_batch_for_the_reward_model_and_the_latest_for_dpo():
+    from llama_jax.posttrain import recipe
+    stages = {st["name"]: st for st in recipe.round_stages(3, "p.jsonl", 64, policy="avg_r2",
+                                                            annotations="a{round}.jsonl", reward_model=True,
+                                                            dpo_batches=2, sft_runs=(dict(lr=5e-6),))}
+    assert list(stages) == ["rm_r3", "rs_r3", "sft_r3", "sft_r3_2", "avg_sft_r3", "dpo_r3"]
+    assert stages["rm_r3"]["options"]["preferences"] == ["a1.jsonl", "a2.jsonl", "a3.jsonl"]
+    assert stages["dpo_r3"]["options"]["preferences"] == ["a2.jsonl", "a3.jsonl"]
+    assert stages["rm_r3"]["options"]["start_from"] == stages["sft_r3_2"]["options"]["start_from"] == "init_from"
+    assert stages["dpo_r3"]["options"]["start_from"] == "avg_sft_r3"
+    assert stages["rs_r3"]["options"]["start_from"] == "avg_r2"
+    with pytest.raises(ValueError, match="DPO trains on preference annotations"):
+        recipe.round_stages(1, "p.jsonl", 64, policy="sft", verifier="m:f")
+    with pytest.raises(ValueError, match="must be one of \\('pretrained', 'policy'\\)"):
+        recipe.round_stages(1, "p.jsonl", 64, policy="sft", annotations="a.jsonl", sft_from="scratch")
