@@ -15,8 +15,9 @@ Each field's default lives on its dataclass only. Checks of one value against an
 Three settings are read by the driver and `resolve`, not by the kind, so every options class has them, as
 class attributes the kinds that take them override with fields: `start_from` (an earlier stage whose final
 parameters the stage starts from instead of the previous stage's, or `START_FROM_INIT`, "init_from": the model
-`config.init_from` names, e.g. the pretrained model of a post-training run), `carry_optimizer` (AdamW's moments carried
-over from the stage it starts from) and `continue_data` (that stage's document stream continued).
+`config.init_from` names, e.g. the pretrained model of a post-training run), `carry_optimizer` (AdamW's
+moments carried over from the stage it starts from) and `continue_data` (that stage's document stream
+continued).
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ class AnnotationOptions(TaskOptions):
     annotator: str = field(default="", metadata=REQUIRED)
     score_scale: float = 1.0
     editor: str = ""
-    models: tuple[Spec, ...] = ()
+    models: tuple[Spec, ...] = field(default=(), metadata=DIR)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
