@@ -149,8 +149,8 @@ def test_the_kind_table_is_the_stage_modules():
     from llama_jax.train import kind as kind_lib
     kind_lib.check_table(KINDS)
     assert sorted(KINDS) == sorted(["pretrain", "long_context", "anneal", "sft", "reward", "rejection_sampling",
-                                    "dpo", "average"])
-    assert {k for k, v in KINDS.items() if not v.trains} == {"rejection_sampling", "average"}
+                                    "preference_annotation", "dpo", "average"])
+    assert {k for k, v in KINDS.items() if not v.trains} == {"rejection_sampling", "preference_annotation", "average"}
 
 
 def test_loading_an_experiment_config_imports_no_jax_and_writes_nothing(tmp_path):

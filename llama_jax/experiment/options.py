@@ -14,8 +14,10 @@ Each field's default lives on its dataclass only. Checks of one value against an
 
 Three settings are read by the driver and `resolve`, not by the kind, so every options class has them, as
 class attributes the kinds that take them override with fields: `start_from` (an earlier stage whose final
-parameters the stage starts from instead of the previous stage's), `carry_optimizer` (AdamW's moments carried
-over from the stage it starts from) and `continue_data` (that stage's document stream continued).
+parameters the stage starts from instead of the previous stage's, or `START_FROM_INIT`, "init_from": the model
+`config.init_from` names, e.g. the pretrained model of a post-training run), `carry_optimizer` (AdamW's
+moments carried over from the stage it starts from) and `continue_data` (that stage's document stream
+continued).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import typing
 from typing import Any, Mapping, Union
 
 STAGE_PREFIX = "stage:"
+START_FROM_INIT = "init_from"  # `start_from` value: the run's starting model (config.init_from)
 REQUIRED = {"required": True}
 FILE = {"exists": "file"}
 DIR = {"exists": "dir"}
@@ -148,4 +151,5 @@ def _convert(value: Any, kind: Any, metadata: Mapping[str, Any]) -> Any:
     raise TypeError(f"option type {kind!r} is not supported")
 
 
-__all__ = ["DIR", "FILE", "REQUIRED", "STAGE_PREFIX", "Spec", "StageOptions", "StageRef", "parse", "references"]
+__all__ = ["DIR", "FILE", "REQUIRED", "STAGE_PREFIX", "START_FROM_INIT", "Spec", "StageOptions", "StageRef", "parse",
+           "references"]

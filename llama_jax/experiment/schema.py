@@ -329,6 +329,9 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
     names = [s["name"] for s in c.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique, got {names}")
+    if options_lib.START_FROM_INIT in names:
+        raise ValueError(f"stage name {options_lib.START_FROM_INIT!r} is reserved (options.start_from="
+                         f"{options_lib.START_FROM_INIT!r} names config.init_from); rename that stage")
     model_config.get(c.model.preset)
     check_intervals(c)
     stages = []
@@ -374,7 +377,12 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         else:
             init_source = "scratch"
         options = kind.parse_options(st["name"], dict(st["options"]))
-        if options.start_from:
+        if options.start_from == options_lib.START_FROM_INIT:  # the run's starting model (config.init_from)
+            if not c.init_from:
+                raise ValueError(f"stage {st['name']!r}: options.start_from={options.start_from!r} needs "
+                                 "config.init_from (the model the run starts from)")
+            init_source = f"init_from:{init_directory(c.init_from, c.get('init_stage', ''))}"
+        elif options.start_from:
             if options.start_from not in names[:index]:
                 raise ValueError(f"stage {st['name']!r}: options.start_from={options.start_from!r} is not an earlier "
                                  f"stage; earlier stages: {names[:index]}")

@@ -10,11 +10,15 @@ one assistant message, and no assistant message may be empty.
 
 Preference record (reward model and DPO data)::
 
-    {"prompt": [messages...], "chosen": str, "rejected": str, "edited": str?}
+    {"prompt": [messages...], "chosen": str, "rejected": str, "edited": str?, "strength": str?}
 
 `chosen`, `rejected` and `edited` are the next assistant message's content; they must be non-empty and
-distinct (a record whose chosen equals rejected carries no preference). Prompt-only records
-(`{"prompt": [...], "answer": ...}`, rejection sampling's input) keep any extra keys for the verifier.
+distinct (a record whose chosen equals rejected carries no preference). `strength` is the annotator's label,
+one of the paper's four levels (`STRENGTHS`, Llama 3 §4.2.1); the reward model and DPO keep only
+"significantly better" and "better" (`KEPT_STRENGTHS`, as the paper does for both, §4.1.2; `keep_strengths`).
+A record without a label (e.g. rejection sampling's best-vs-worst pairs) is not an annotation and is kept.
+Prompt-only records (`{"prompt": [...], "answer": ...}`, rejection sampling's input) keep any extra keys for
+the verifier.
 
 Reading (`read_jsonl`) is lenient by default: a malformed record (bad JSON, a schema error) is skipped,
 counted by reason in a `ReadReport` and logged with its line number; `strict=True` raises at the first one.
@@ -40,6 +44,8 @@ from llama_jax.data.tokenizer import ROLES, Tokenizer
 
 TRUNCATION = ("drop", "error")
 RESPONSES = ("chosen", "rejected", "edited")
+STRENGTHS = ("significantly better", "better", "slightly better", "marginally better")  # the paper's 4 levels
+KEPT_STRENGTHS = STRENGTHS[:2]  # what the paper trains its reward model and DPO on
 
 
 @dataclasses.dataclass
@@ -125,7 +131,19 @@ def parse_preference(record: Any) -> dict:
     if "edited" in out and out["edited"].strip() in (out["chosen"].strip(), out["rejected"].strip()):
         raise ValueError("edited equals chosen or rejected: the ranking edited > chosen > rejected needs three "
                          "distinct responses")
+    if record.get("strength") is not None:
+        if record["strength"] not in STRENGTHS:
+            raise ValueError(f"strength {record['strength']!r}: expected one of {STRENGTHS}")
+        out["strength"] = record["strength"]
     return out
+
+
+def keep_strengths(records: Sequence[Mapping], strengths: Sequence[str]) -> list[Mapping]:
+    """The records whose `strength` is one of `strengths`, and every record without a label."""
+    unknown = sorted(set(strengths) - set(STRENGTHS))
+    if unknown:
+        raise ValueError(f"strengths {unknown}: expected a subset of {STRENGTHS}")
+    return [r for r in records if r.get("strength") is None or r["strength"] in strengths]
 
 
 def parse_prompt(record: Any) -> dict:
@@ -293,6 +311,6 @@ def single_row(sequence: Mapping[str, np.ndarray] | None, seq_len: int) -> dict[
     return _row([sequence] if sequence is not None else [], seq_len)
 
 
-__all__ = ["RESPONSES", "ReadReport", "TRUNCATION", "check_messages", "encode_preference", "encode_response",
-           "encode_sft", "pack_rows", "parse_dialog", "parse_preference", "parse_prompt", "read_jsonl",
-           "single_row", "write_jsonl"]
+__all__ = ["KEPT_STRENGTHS", "RESPONSES", "ReadReport", "STRENGTHS", "TRUNCATION", "check_messages",
+           "encode_preference", "encode_response", "encode_sft", "keep_strengths", "pack_rows", "parse_dialog",
+           "parse_preference", "parse_prompt", "read_jsonl", "single_row", "write_jsonl"]

@@ -71,6 +71,19 @@ def sample_responses(cfg: ModelConfig, params, tokenizer: Tokenizer, prompts: Se
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
+def with_system_prompts(prompts: Sequence[Sequence[Mapping]], system_prompts: Sequence[str]) -> list[list[Mapping]]:
+    """Prompt i with the (i mod n)-th system prompt as its first message (Llama 3 §4.2.2: in later rounds, system
+    prompts steer the samples' tone, style or format); a prompt that has a system message already keeps it, and
+    no system prompts leave every prompt as it is."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        prompt = list(prompt)
+        if system_prompts and not (prompt and prompt[0].get("role") == "system"):
+            prompt = [{"role": "system", "content": system_prompts[i % len(system_prompts)]}] + prompt
+        out.append(prompt)
+    return out
+
+
 def score_with_verifier(records: Sequence[Mapping], responses: Sequence[Sequence[str]],
                         verifier: Verifier) -> np.ndarray:
     """[prompt, sample] float scores from `verifier(record, response)`; an empty response scores -inf."""
@@ -176,4 +189,4 @@ def task_accuracy(cfg: ModelConfig, params, tokenizer: Tokenizer, records: Seque
 
 
 __all__ = ["load_verifier", "sample_responses", "score_with_reward_model", "score_with_verifier", "select",
-           "task_accuracy"]
+           "task_accuracy", "with_system_prompts"]

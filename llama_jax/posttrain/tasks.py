@@ -13,7 +13,8 @@ nothing):
 
 `verify_arithmetic(record, response)` is the verifier: 1.0 when the last integer in the response equals the
 record's `answer`, else 0.0 (held-out accuracy). `score_arithmetic` grades the work shown as well (1.0 / 0.5 /
-0.0), for choosing the best and worst samples in rejection sampling.
+0.0), for choosing the best and worst samples in rejection sampling and for labelling preferences (the
+synthetic annotator, with `edit_arithmetic` as its editing step).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def score_arithmetic(record, response: str) -> float:
         if int(x) + int(y) != int(z) or (operands is not None and sorted((int(x), int(y))) != operands):
             return 0.5
     return 1.0
+
+
+def edit_arithmetic(record, response: str) -> str:
+    """The synthetic annotator's editing step (`posttrain.annotation`): the worked answer "a + b = c" when the
+    response is not fully correct (`score_arithmetic` below 1), else "" (nothing to improve)."""
+    asked = _QUESTION.search(record["prompt"][-1]["content"])
+    if asked is None or score_arithmetic(record, response) == 1.0:
+        return ""
+    return answer_text(int(asked.group(1)), int(asked.group(2)))
 
 
 def arithmetic_paths(task_dir: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
@@ -118,5 +128,5 @@ def prepare_arithmetic(paths: dict[str, str], **settings) -> dict:
     return dict(call="llama_jax.posttrain.tasks:write_arithmetic", kwargs=dict(directory=paths["directory"], **settings))
 
 
-__all__ = ["answer_text", "arithmetic_paths", "prepare_arithmetic", "question", "score_arithmetic",
+__all__ = ["answer_text", "arithmetic_paths", "edit_arithmetic", "prepare_arithmetic", "question", "score_arithmetic",
            "verify_arithmetic", "write_arithmetic"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from llama_jax.stages.anneal import Anneal
+from llama_jax.stages.annotation import PreferenceAnnotation
 from llama_jax.stages.average import Average
 from llama_jax.stages.dpo import DPO
 from llama_jax.stages.long_context import LongContext
@@ -25,6 +26,7 @@ KINDS = MappingProxyType({kind.name: kind for kind in (
     SFT(),
     Reward(),
     RejectionSampling(),
+    PreferenceAnnotation(),
     DPO(),
     Average(),
 )})

@@ -143,13 +143,15 @@ def task_eval(ctx: kind_lib.StageContext, params, eval_prompts: Spec, verifier: 
     return {"task_accuracy": acc}
 
 
-def report(ctx: kind_lib.StageContext, read: data_lib.ReadReport, too_long: int) -> dict:
-    """A data file's read report plus the records dropped as too long (the kind's DONE.json `data`); a warning
-    line and a text metric when any was skipped or dropped."""
-    out = dict(read.to_json(), too_long=too_long, used=read.kept - too_long)
+def report(ctx: kind_lib.StageContext, read: data_lib.ReadReport, too_long: int, weaker: int = 0) -> dict:
+    """A data file's read report plus the records dropped as too long and, for preference data, as labelled
+    weaker than the stage keeps (the kind's DONE.json `data`); a warning line and a text metric when any was
+    skipped or dropped as too long."""
+    used = read.kept - too_long - weaker
+    out = dict(read.to_json(), too_long=too_long, used=used, **({"weaker": weaker} if weaker else {}))
     if read.skipped or too_long:
         logging.warning("stage %r: %s: used %d of %d records (%d malformed, %d longer than the sequence length)",
-                        ctx.stage.name, read.path, read.kept - too_long, read.total, read.skipped, too_long)
+                        ctx.stage.name, read.path, used, read.total, read.skipped, too_long)
         ctx.writer.write_text(0, f"{ctx.stage.name}/data", json.dumps(out))
     return out
 

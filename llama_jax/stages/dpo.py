@@ -5,7 +5,8 @@ objective written once).
 A step's rows are each pair's chosen and rejected rows side by side, plus `ref_logps` ([B, L] float32 per-token
 log-probs of the frozen reference model, computed once when the stage's data is built). The reference is the
 model the stage starts from (the previous stage's final parameters, or init_from), loaded onto the stage's mesh.
-Options (`stages.options.DPOOptions`): preferences, eval_preferences, beta, nll_coef, truncation, task evaluation.
+Options (`stages.options.DPOOptions`): preferences (the latest annotation batches in the paper's recipe),
+eval_preferences, beta, nll_coef, truncation, strengths (annotator labels kept), task evaluation.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import field
 
 from llama_jax.experiment.options import DIR, FILE, REQUIRED, Spec, StageOptions
-from llama_jax.posttrain.data import TRUNCATION
+from llama_jax.posttrain.data import KEPT_STRENGTHS, STRENGTHS, TRUNCATION
 from llama_jax.posttrain.dpo import BETA, NLL_COEF
 
 
@@ -101,22 +101,26 @@ class SFTOptions(TaskOptions):
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceOptions(TaskOptions):
-    """Kinds trained on preference records: preferences (required), eval_preferences, truncation."""
+    """Kinds trained on preference records: preferences (required; several files are mixed: the reward model
+    reads every annotation batch so far, DPO the latest ones), eval_preferences, truncation, strengths (the
+    annotator labels kept; a record without a label is kept: the paper's "significantly better" and
+    "better" by default, §4.1.2)."""
 
-    preferences: Spec = field(default="", metadata={**REQUIRED, **FILE})
+    preferences: tuple[Spec, ...] = field(default=(), metadata={**REQUIRED, **FILE})
     eval_preferences: Spec = field(default="", metadata=FILE)
     truncation: str = "drop"
+    strengths: tuple[str, ...] = KEPT_STRENGTHS
 
     def __post_init__(self):
         super().__post_init__()
         _check_truncation(self.truncation)
+        if not self.strengths or set(self.strengths) - set(STRENGTHS):
+            raise ValueError(f"options.strengths={list(self.strengths)} must be a non-empty subset of {STRENGTHS}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardOptions(PreferenceOptions):
-    """`reward`: the preference settings; `preferences` may list several files (mixed)."""
-
-    preferences: tuple[Spec, ...] = field(default=(), metadata={**REQUIRED, **FILE})
+    """`reward`: the preference settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,24 +139,29 @@ class DPOOptions(PreferenceOptions):
 @dataclasses.dataclass(frozen=True)
 class RejectionOptions(TaskOptions):
     """`rejection_sampling`: prompts (required), k (paper 10-30), scorer ("verifier" | "reward"), verifier
-    ("package.module:function"), reward_model (`stage:<name>` of this run or another workdir), sampler ("" =
-    the model the stage starts from, or another workdir: a teacher), temperature, top_p, max_new_tokens,
-    min_score (a best sample below it is not kept), batch_size (sequences per sampler call), and task evaluation
-    with eval_verifier (the scoring verifier when empty)."""
+    ("package.module:function"), reward_model (`stage:<name>` of this run or another workdir), sampler ("" = the
+    model the stage starts from, or `stage:<name>` or another workdir: a teacher), temperature, top_p,
+    max_new_tokens, min_score (a best sample below it is not kept), batch_size (sequences per sampler call),
+    system_prompts (steering system messages the samples are drawn with, prompt i taking the (i mod n)-th; the
+    data written keeps the prompt as given), and task evaluation with eval_verifier (the scoring verifier when
+    empty)."""
 
     prompts: Spec = field(default="", metadata={**REQUIRED, **FILE})
     k: int = 10
     scorer: str = "verifier"
     reward_model: Spec = ""
-    sampler: str = ""
+    sampler: Spec = field(default="", metadata=DIR)
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
     min_score: float = float("-inf")
     batch_size: int = 64
+    system_prompts: tuple[str, ...] = ()
     eval_verifier: str = ""
 
     def __post_init__(self):
+        if any(not p.strip() for p in self.system_prompts):
+            raise ValueError("options.system_prompts holds an empty prompt")
         if self.eval_max_new_tokens < 1:
             raise ValueError(f"options.eval_max_new_tokens={self.eval_max_new_tokens} must be >= 1")
         if self.k < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -170,6 +179,34 @@ class RejectionOptions(TaskOptions):
     def task_verifier(self) -> str:
         """The verifier of the held-out evaluation (eval_verifier, else the scoring verifier)."""
         return self.eval_verifier or self.verifier
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationOptions(TaskOptions):
+    """`preference_annotation`: prompts (required), annotator (required: a graded verifier
+    "package.module:function", (record, response) -> score, whose score gap sets the strength label;
+    `posttrain.annotation`), score_scale (the annotator's score range), editor ("" or "package.module:function",
+    (record, chosen) -> an improved response or ""), models (`stage:<name>` of this run or other workdirs whose
+    samples are labelled, two different models per prompt; empty = two samples of the model the stage starts
+    from), temperature, top_p, max_new_tokens, batch_size, task evaluation."""
+
+    prompts: Spec = field(default="", metadata={**REQUIRED, **FILE})
+    annotator: str = field(default="", metadata=REQUIRED)
+    score_scale: float = 1.0
+    editor: str = ""
+    models: tuple[Spec, ...] = field(default=(), metadata=DIR)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    batch_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.score_scale <= 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"options.score_scale={self.score_scale} must be > 0, max_new_tokens and batch_size "
+                             ">= 1")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,5 +230,5 @@ class AverageOptions(StageOptions):
                 raise ValueError(f"options.weights={list(self.weights)}: {e}") from None
 
 
-__all__ = ["AnnealOptions", "AverageOptions", "DPOOptions", "LongContextOptions",
+__all__ = ["AnnealOptions", "AnnotationOptions", "AverageOptions", "DPOOptions", "LongContextOptions",
            "PreferenceOptions", "RejectionOptions", "RewardOptions", "SFTOptions", "TaskOptions", "Transition"]

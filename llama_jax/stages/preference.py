@@ -1,8 +1,11 @@
 """The part of the `reward` and `dpo` kinds that is the same: a step's rows are the preference records' roles
-(chosen, rejected[, edited]) laid out by `common.Collate`, read from the stage's `preferences` file."""
+(chosen, rejected[, edited]) laid out by `common.Collate`, read from the stage's `preferences` files; records
+an annotator labelled weaker than the stage's `strengths` are left out (counted as `weaker` in DONE.json's
+`data`)."""
 
 from __future__ import annotations
 
+from llama_jax.posttrain import data as data_lib
 from llama_jax.stages import common
 from llama_jax.train import kind as kind_lib
 
@@ -43,14 +46,17 @@ class PreferenceKind(kind_lib.StageKind):
     def examples(self, ctx, spec, seq_len: int, record: bool = True) -> list[dict]:
         """{role: row} per record of the preference file(s) `spec` that fits `seq_len`; `record`: its data report
         is the stage's DONE.json `data`."""
-        records, report = self.read(ctx, spec)
+        labelled, report = self.read(ctx, spec)
+        records = data_lib.keep_strengths(labelled, ctx.stage.options.strengths)
         examples = [rows for rows in (self.rows(ctx, r, seq_len) for r in records) if rows is not None]
-        data = common.report(ctx, report, len(records) - len(examples))
+        data = common.report(ctx, report, len(records) - len(examples), weaker=len(labelled) - len(records))
         if record:
             ctx.cache["data"] = data
         if not examples:
+            weaker = f" ({len(labelled) - len(records)} labelled weaker than {list(ctx.stage.options.strengths)})" \
+                if len(labelled) > len(records) else ""
             raise ValueError(f"stage {ctx.stage.name!r}: no preference record of {report.path!r} fits the sequence "
-                             f"length {seq_len}")
+                             f"length {seq_len}{weaker}")
         return examples
 
     def train_iterator(self, ctx, phase, start_documents):

@@ -1,7 +1,10 @@
 """Stage kind `rejection_sampling` (Llama 3 §4.2.2): K samples per prompt, scored by a verifier or a reward
 model, the best kept as SFT data plus best-vs-worst preference pairs. It trains nothing (`trains = False`): its
 checkpoint is the model it started from, and `finish` samples, scores, selects and writes `sft.jsonl`,
-`preferences.jsonl` (best vs worst) and `stats.json` in the stage's directory, for the stages after it.
+`preferences.jsonl` (best vs worst; DPO's data when a recipe chooses them over annotations) and `stats.json` in
+the stage's directory, for the stages after it. With `system_prompts` (Llama 3 §4.2.2, later rounds) each prompt
+is sampled with a steering system message; the verifier or reward model scores, and the data keeps, the prompt
+as given (this project's choice: the model learns the steered style without the steering message).
 
 Options (`stages.options.RejectionOptions`): the sampler is the stage's own model unless `sampler` names another
 workdir (a larger teacher); a reward model (`reward_model`: `stage:<name>` of this run or another workdir) is
@@ -49,10 +52,11 @@ class RejectionSampling(kind_lib.StageKind):
         records, report = common.read_records(ctx, options.prompts, "prompt")
         if options.sampler:
             cfg, params = load_model(ctx, options.sampler)
-            reward_lib.check_vocabulary(cfg, ctx.stage.model, options.sampler)
+            reward_lib.check_vocabulary(cfg, ctx.stage.model, str(options.sampler))
         else:
             cfg, params = ctx.stage.model, state.params
-        responses = rejection.sample_responses(cfg, params, ctx.tokenizer, [r["prompt"] for r in records], options.k,
+        prompts = rejection.with_system_prompts([r["prompt"] for r in records], options.system_prompts)
+        responses = rejection.sample_responses(cfg, params, ctx.tokenizer, prompts, options.k,
                                                options.max_new_tokens, options.temperature, options.top_p,
                                                seed=ctx.stage.iterator_seed(), batch_size=options.batch_size)
         if options.scorer == "verifier":
@@ -63,8 +67,8 @@ class RejectionSampling(kind_lib.StageKind):
             scores = rejection.score_with_reward_model(rm_cfg, rm_params, ctx.tokenizer, records, responses,
                                                        options.batch_size)
         dialogs, pairs, stats = rejection.select(records, responses, scores, options.min_score)
-        stats = dict(stats, sampler=options.sampler or "this stage's model", scorer=options.scorer,
-                     prompts_file=report.to_json())
+        stats = dict(stats, sampler=str(options.sampler) or "this stage's model", scorer=options.scorer,
+                     system_prompts=len(options.system_prompts), prompts_file=report.to_json())
         if jax.process_index() == 0:
             out = lambda name: workdir_lib.stage_output_path(ctx.workdir, ctx.stage.name, name)  # noqa: E731
             data_lib.write_jsonl(out("sft.jsonl"), dialogs)

@@ -1,7 +1,8 @@
 """Stage kind `reward`: the reward model, the backbone's scalar head on each row's last token, trained with the
 pairwise ranking loss (edited > chosen > rejected, no margin; `posttrain.reward.ranking_loss`). A step's rows
 are each record's chosen, rejected and edited rows side by side (an all-padding edited row when a record has
-none). Options (`stages.options.RewardOptions`): preferences, eval_preferences, truncation, task evaluation.
+none). Options (`stages.options.RewardOptions`): preferences (every annotation batch so far in the paper's
+recipe), eval_preferences, truncation, strengths (annotator labels kept), task evaluation.
 """
 
 from __future__ import annotations

@@ -132,6 +132,11 @@ def _driver_config(tok_path, tmp_path):
     data_lib.write_jsonl(prefs, [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}],
                                   "chosen": f"{a} + 1 = {a + 1}", "rejected": f"{a} + 1 = {a + 2}",
                                   **({"edited": f"{a + 1}"} if a % 2 else {})} for a in range(8)])
+    # the annotation stage's prompts: enough that some pairs of the barely trained models' samples are both
+    # non-empty and of different scores
+    ann_prompts = str(tmp_path / "ann_prompts.jsonl")
+    data_lib.write_jsonl(ann_prompts, [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                                        "answer": a + b} for a in range(8) for b in range(4)])
     c = experiment.base_config()
     c.tokenizer = tok_path
     c.model.update(dict(vocab_size=640, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=128))
@@ -153,8 +158,13 @@ def _driver_config(tok_path, tmp_path):
                                         max_new_tokens=6, start_from="sft")),
         experiment.stage("sft2", [experiment.phase(64, 8)], opt, steps=2, kind="sft",
                          options=dict(dialogs="stage:rs/sft.jsonl")),
+        experiment.stage("ann", [experiment.phase(64, 8)], opt, kind="preference_annotation",
+                         options=dict(prompts=ann_prompts, models=["stage:sft", "stage:sft2"],
+                                      annotator="tests.posttrain.test_stages:length_score", score_scale=4.0,
+                                      max_new_tokens=6)),
         experiment.stage("dpo", [experiment.phase(64, 16)], opt, steps=2, kind="dpo",
-                         options=dict(preferences="stage:rs/preferences.jsonl")),
+                         options=dict(preferences="stage:ann/preferences.jsonl",
+                                      strengths=list(data_lib.STRENGTHS))),
     ]
     return c
 
@@ -182,5 +192,15 @@ def test_a_round_feeds_the_next(tok_path, tmp_path):
     assert results["sft2"]["data"]["path"] == sft_file and results["sft2"]["data"]["kept"] == len(kept)
     prefs = [json.loads(line) for line in open(workdir_lib.stage_output_path(workdir, "rs", "preferences.jsonl"))]
     assert len(prefs) == stats["pairs"] > 0
+    # the annotation stage labelled one sample of each of two models per prompt; DPO trained on its pairs
+    labelled = results["ann"]["annotation"]
+    ann_file = workdir_lib.stage_output_path(workdir, "ann", "preferences.jsonl")
+    annotations = [json.loads(line) for line in open(ann_file)]
+    assert labelled["prompts"] == 32 and len(annotations) == labelled["pairs"] > 0
+    assert labelled["pairs"] + labelled["ties"] + labelled["empty"] == 32
+    for a in annotations:
+        assert sorted(a["models"]) == ["stage:sft", "stage:sft2"] and a["strength"] in data_lib.STRENGTHS
+        assert length_score(None, a["chosen"]) > length_score(None, a["rejected"])
+    assert results["dpo"]["data"]["path"] == ann_file and results["dpo"]["data"]["used"] == len(annotations)
     assert 0.0 <= results["dpo"]["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in results["dpo"]
     assert os.path.isfile(workdir_lib.stage_output_path(workdir, "rs", "stats.json"))
