@@ -87,6 +87,7 @@ def _paper():
     c.model.preset = "llama3.1-8b"
     c.model.update(dtype="bfloat16", remat="full", attention="auto")
     c.mesh.update(data=1, fsdp=-1, context=8)
+    c.plan_devices = 64  # 64 H100s: context 8 x FSDP 8 (a choice; the paper gives the 405B mesh only)
     c.sharding_rules = "fsdp"
     c.checkpoint.update(every_steps=500, keep_every=5000)
     c.eval.every_steps = 1000

@@ -59,7 +59,9 @@ from llama_jax.posttrain import recipe, tasks
 _CPU_KNOBS = ("init", "init_stage", "rounds", "k", "sft_steps", "dpo_steps", "dim", "layers", "task_dir", "rm",
               "sft_from", "rm_from", "pairs")
 _PAPER_KNOBS = ("init", "init_stage", "tokenizer", "sft", "prompts", "preferences", "size", "rounds", "k")
-_PAPER = {"8b": ("llama3.1-8b", 1), "70b": ("llama3.1-70b", 8), "405b": ("llama3.1-405b", 8)}
+# size: (preset, tensor parallelism, devices the mesh is planned for: `plan_devices`, a choice that fits 80 GiB H100s
+# with FSDP over the rest and no pipeline, since the reward model and DPO train their own losses)
+_PAPER = {"8b": ("llama3.1-8b", 1, 64), "70b": ("llama3.1-70b", 8, 512), "405b": ("llama3.1-405b", 8, 1024)}
 _PAPER_ROUND_KNOBS = ("sampler", "system_prompts")
 # Steering system prompts of the paper variant's later rejection-sampling rounds (§4.2.2 gives none: our choice).
 STYLE_SYSTEM_PROMPTS = ("Answer accurately and concisely; say so when you are not sure.",
@@ -143,7 +145,7 @@ def get_config(arg: str | None = None):
         for knob in ("tokenizer", "sft", "prompts", "preferences"):
             if not getattr(a, knob):
                 raise ValueError(f"experiments/posttrain.py:paper needs {knob}=PATH")
-        preset, tensor = _PAPER[a.size]
+        preset, tensor, devices = _PAPER[a.size]
         c = E.base_config()
         _init(c, a.init, a.init_stage)
         c.tokenizer, c.tokenizer_required = a.tokenizer, True  # Meta's tokenizer.model, no embedded fallback
@@ -151,6 +153,7 @@ def get_config(arg: str | None = None):
         c.model.dtype = "bfloat16"
         c.model.remat = "save_dots_no_batch"
         c.mesh.update(data=1, fsdp=-1, tensor=tensor)
+        c.plan_devices = devices
         c.sharding_rules = "fsdp_tp" if tensor > 1 else "fsdp"
         # post-training stages read their own data (options); the schema asks for one source
         c.data.sources = [dict(name="sft", kind="jsonl", path=a.sft, weight=1.0, split="all", eval_split="all")]

@@ -13,7 +13,8 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   stage that doubles the sequence length with a 10x lower LR, as in the paper's recipe shape). `llama3.2-1b`
   takes only `data`, the paper variants no knob; a knob a variant does not use is an error.
 * `llama3.2-1b` — Llama 3.2 1B architecture (tied embeddings), 8K sequences, 4M-token batches, LR 3e-4.
-  Not a paper variant (Llama 3.2 is not in the paper). Hardware: one 8xH100 node or a TPU v5p-32; give your
+  Not a paper variant (Llama 3.2 is not in the paper). Hardware: one 8xH100 node (FSDP 8, 16 micro-batches
+  per step, `save_dots_no_batch` remat: choices that the planner says fit 80 GiB) or a TPU v5p-32; give your
   corpus as `data=PATH` and Meta's tokenizer.model as `--config.tokenizer=PATH` (without them it trains on
   the embedded corpus with the embedded tokenizer).
 * `llama3.1-8b`, `llama3.1-70b`, `llama3.1-405b` — the paper's recipe (§3.4): peak LR 3e-4 / 1.5e-4 / 8e-5,
@@ -23,8 +24,13 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   stream continued across the ramp. Common practice, not given by the paper: AdamW β 0.9/0.95, ε 1e-8,
   weight decay 0.1 (given only for the scaling-law runs), clipping at global norm 1.0. A choice, not the
   paper's: the model keeps the 3.1 RoPE scaling (the preset's) during the 8K pretraining stage.
-  Hardware: 8B on 64+ H100s, 70B on 512+, 405B on 8,192-16,384 H100s (TP 8, FSDP over the rest) or the
-  equivalent TPU pods. Runtimes: 1.46M / 7.0M / 30.84M H100-hours (model card).
+  Hardware (80 GiB H100s; `python -m llama_jax.plan --config=experiments/pretrain.py:VARIANT
+  --device_memory=80GiB` plans each on its `plan_devices` and says it fits): 405B on 8,192 H100s with the
+  paper's mesh (Table 4: TP 8, PP 16, DP = FSDP 64; 16,384 gives DP 128), pipelined as the paper (§3.3.2):
+  interleaved 1F1B, the first and last stage one layer lighter, no activation checkpointing; choices, not
+  given by the paper: 2 virtual stages and 16 microbatches per step. 8B on 64 H100s (FSDP 64) and 70B on 512
+  (FSDP 64 x TP 8): the paper gives no mesh for them; ours (a choice) accumulate gradients over 8
+  micro-batches with full remat. Runtimes: 1.46M / 7.0M / 30.84M H100-hours (model card).
   Data, as the paper (§3.1.2): the mix by source name, general_knowledge 0.50, math_reasoning 0.25, code 0.17,
   multilingual 0.08 (`experiment.PAPER_MIX`), each mapped by you to its files (ArrayRecord shards with a `text`
   field, as `python -m llama_jax.curate` writes: a choice), and Meta's tokenizer.model:
@@ -41,10 +47,12 @@ from llama_jax import experiment as E
 
 _TINY_KNOBS = ("steps", "lr", "batch", "seq_len", "stages", "warmup", "data", "layers")
 PAPER_SCHEDULE_STEPS = 1_200_000  # §3.4.1: cosine decay to 8e-7 over 1,200,000 steps
-_PAPER = {  # peak LR and mesh per size (§3.4.1, Table 3); the schedule floor is 8e-7 / 8e-5 = 1% of peak
-    "llama3.1-8b": dict(lr=3e-4, tensor=1),
-    "llama3.1-70b": dict(lr=1.5e-4, tensor=8),
-    "llama3.1-405b": dict(lr=8e-5, tensor=8),
+_PAPER = {  # peak LR per size (§3.4.1, Table 3; the schedule floor is 8e-7 / 8e-5 = 1% of peak) and the mesh,
+    # remat and micro-batching that fit 80 GiB H100s on `devices` (405B: Table 4's mesh; 8B / 70B: choices)
+    "llama3.1-8b": dict(lr=3e-4, devices=64, mesh=dict(data=1, fsdp=-1), remat="full", grad_accum=8),
+    "llama3.1-70b": dict(lr=1.5e-4, devices=512, mesh=dict(data=1, fsdp=-1, tensor=8), remat="full", grad_accum=8),
+    "llama3.1-405b": dict(lr=8e-5, devices=8192, mesh=dict(data=1, fsdp=-1, pipe=16, tensor=8), remat="none",
+                          grad_accum=1, pipeline=dict(virtual=2, microbatches=16, schedule="1f1b", lighter_ends=1)),
 }
 
 
@@ -81,19 +89,22 @@ def get_config(arg: str | None = None):
         c.model.dtype = "bfloat16"
         c.model.remat = "save_dots_no_batch"
         c.mesh.update(data=1, fsdp=-1)
+        c.plan_devices = 8
         c.sharding_rules = "fsdp"
         c.checkpoint.every_steps = 1000
         c.eval.every_steps = 1000
         c.stages = [E.stage("pretrain", [E.phase(8192, 512)], E.optim(3e-4, 2000, final_lr_ratio=0.01),
-                            tokens=int(9e12), loss_chunk=2048)]
+                            tokens=int(9e12), loss_chunk=2048, grad_accum=16)]
         return c
     if a.variant in _PAPER:
         p = _PAPER[a.variant]
         c.model.preset = a.variant
         c.model.dtype = "bfloat16"
-        c.model.remat = "save_dots_no_batch"
-        c.mesh.update(data=1, fsdp=-1, tensor=p["tensor"])
-        c.sharding_rules = "fsdp_tp" if p["tensor"] > 1 else "fsdp"
+        c.model.remat = p["remat"]
+        c.mesh.update(p["mesh"])
+        c.pipeline.update(p.get("pipeline", {}))
+        c.plan_devices = p["devices"]
+        c.sharding_rules = "fsdp_tp" if p["mesh"].get("tensor", 1) > 1 else "fsdp"
         c.checkpoint.update(every_steps=500, keep_every=10_000)
         c.eval.every_steps = 1000
         c.spike.update(window=100, spike_factor=2.0)
@@ -104,7 +115,7 @@ def get_config(arg: str | None = None):
                   E.phase(8192, 2048)]
         c.stages = [E.stage("pretrain", phases, E.optim(p["lr"], 8000, final_lr_ratio=0.01,
                                                          schedule_steps=PAPER_SCHEDULE_STEPS),
-                            tokens=int(15.6e12), loss_chunk=4096)]
+                            tokens=int(15.6e12), loss_chunk=4096, grad_accum=p["grad_accum"])]
         return c
     raise ValueError(f"unknown variant {a.variant!r} of experiments/pretrain.py; known: tiny, llama3.2-1b, "
                      f"{', '.join(_PAPER)}")

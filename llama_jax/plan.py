@@ -1,5 +1,6 @@
 """Memory / FLOPs plan of an experiment on a mesh, checked against XLA when asked.
 
+    python -m llama_jax.plan --config=experiments/pretrain.py:llama3.1-405b --device_memory=80GiB
     python -m llama_jax.plan --config=experiments/pretrain.py:llama3.1-405b --devices=16384 --device_memory=80GiB
     python -m llama_jax.plan --config=experiments/pretrain.py:tiny --devices=8 --compile --json
 
@@ -24,7 +25,8 @@ from llama_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py:ARG).",
                                           lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 0, "Number of devices of the mesh (0 = the devices JAX sees here).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Number of devices of the mesh (0 = the config's plan_devices, the "
+                                "device count its mesh is written for; else the devices JAX sees here).")
 _DEVICE_MEMORY = flags.DEFINE_string("device_memory", "", "Memory per device, e.g. 80GiB; enables the fits check.")
 _COMPILE = flags.DEFINE_bool("compile", False, "Compile the train step on --devices simulated CPU devices and "
                              "print XLA's memory analysis beside the plan.")

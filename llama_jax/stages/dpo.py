@@ -24,6 +24,7 @@ from llama_jax.stages.preference import PreferenceKind
 
 class DPO(PreferenceKind):
     name = "dpo"
+    frozen_models = 1  # the reference model, sharded like the policy
     Options = options_lib.DPOOptions
     ROLES = ("chosen", "rejected")
 

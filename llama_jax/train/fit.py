@@ -47,7 +47,7 @@ def device_memory_bytes() -> tuple[int | None, str]:
     return host // n, f"host memory / {n} local device{'s' if n > 1 else ''}"
 
 
-def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:  # noqa: ARG001 - kinds: the resolved table
+def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:
     """Raises a one-line ValueError for the first training stage whose planned step does not fit."""
     memory, source = device_memory_bytes()
     if memory is None:
@@ -55,7 +55,7 @@ def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:  # noqa: ARG0
     for st in stages:
         if st.total_steps == 0:
             continue
-        w = planner.stage_workload(c, st, jax.device_count())
+        w = planner.stage_workload(c, st, jax.device_count(), frozen_models=kinds[st.kind].frozen_models)
         p = planner.plan(w, device_memory=memory, platform=jax.default_backend())
         if not p.fits:
             raise ValueError(

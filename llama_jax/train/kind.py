@@ -81,6 +81,7 @@ class StageKind:
 
     name: str = ""
     trains: bool = True
+    frozen_models: int = 0  # models held beside the trained one (e.g. DPO's reference), for the memory planner
     Options: type = options_lib.StageOptions
 
     def parse_options(self, stage: str, raw: Mapping[str, Any]) -> options_lib.StageOptions:

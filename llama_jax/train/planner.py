@@ -3,7 +3,8 @@
 Terms, in bytes per device (the largest training phase of a stage):
   * params: the float32 master weights, each divided over the mesh axes its logical axes map to (the
     experiment's rule set: `dp` replicates, `fsdp` splits `embed` over fsdp, `fsdp_tp` also splits heads / FFN /
-    vocabulary over tensor);
+    vocabulary over tensor; every set splits `embed` over `pipe` too);
+  * frozen: models the stage holds beside the one it trains, sharded like it (DPO's reference model);
   * gradients: one float32 copy sharded like the parameters (plus the float32 accumulator with grad_accum > 1);
   * optimizer: AdamW's two moments, sharded like the parameters;
   * update: the optimizer step's temporaries, two parameter-sized float32 buffers (the new moments are built
@@ -14,7 +15,11 @@ Terms, in bytes per device (the largest training phase of a stage):
     (`saved_residuals` of the real loss on this device's slice of the batch: batch / (data x fsdp x grad_accum)
     rows, length / context, heads / FFN / vocabulary / tensor), so the remat policy and the attention backend
     are exactly those of the run; plus the backward pass's working set: one layer's recomputed activations
-    when a remat policy is set, and the float32 logits gradient (one `loss_chunk` of it with the chunked loss).
+    when a remat policy is set, and the float32 logits gradient (one `loss_chunk` of it with the chunked loss);
+    pipelined (mesh.pipe > 1), the inputs each stage keeps for its backward passes and one chunk's backward;
+  * pipeline: the layer stack gathered into the stage layout with its gradient accumulator, and the embedding
+    and head gathered over `pipe` (`pipeline_terms`). The plan also gives the schedule's bubble fraction (the
+    step time is divided by 1 - bubble) and the point-to-point traffic per step.
 FLOPs per step are `ModelConfig.flops_per_token(seq_len)` x tokens per step (6N + attention, no remat
 recomputation); the time estimate divides them by devices x peak x the stated MFU.
 
@@ -47,7 +52,7 @@ from llama_jax.sharding import schedule as schedule_lib
 GIB = 1024 ** 3
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024, "mib": 1024 ** 2,
           "gib": GIB, "tib": 1024 ** 4}
-TERMS = ("params", "gradients", "optimizer", "update", "gathered", "activations", "pipeline")
+TERMS = ("params", "frozen", "gradients", "optimizer", "update", "gathered", "activations", "pipeline")
 
 
 def parse_bytes(text: str) -> int:
@@ -82,6 +87,7 @@ class Workload:
     stage: str = ""
     optim: experiment.OptimConfig = experiment.OptimConfig()  # the stage's optimizer (its state is planned)
     pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()  # stages = mesh["pipe"]
+    frozen_models: int = 0  # models the stage holds beside the trained one (DPO's reference), sharded like it
 
     @property
     def devices(self) -> int:
@@ -105,24 +111,26 @@ def stage_of(c: Any, kinds: Mapping[str, Any], stage: str | None = None) -> expe
 def workload_from_config(c: Any, devices: int, stage: str | None = None, *, kinds: Mapping[str, Any]) -> Workload:
     """The phase of `stage` (default: the first stage) with the most tokens per step, on `devices` devices;
     `kinds` is the table of stage kinds the experiment is resolved with (`llama_jax.stages.KINDS`)."""
-    return stage_workload(c, stage_of(c, kinds, stage), devices)
+    st = stage_of(c, kinds, stage)
+    return stage_workload(c, st, devices, frozen_models=kinds[st.kind].frozen_models)
 
 
-def stage_workload(c: Any, st: experiment.Stage, devices: int) -> Workload:
-    """The phase of the resolved stage `st` with the most tokens per step, on `devices` devices."""
+def stage_workload(c: Any, st: experiment.Stage, devices: int, frozen_models: int = 0) -> Workload:
+    """The phase of the resolved stage `st` with the most tokens per step, on `devices` devices (holding
+    `frozen_models` more models: the kind's `frozen_models`)."""
     p = max(st.phases, key=lambda p: (p.tokens_per_step, p.seq_len))
     sizes = mesh_lib.resolve_mesh_shape(c.mesh.to_dict(), devices)
     rules_lib.get_rules(c.sharding_rules)
     return Workload(model=st.model, mesh=sizes, rules=c.sharding_rules, seq_len=p.seq_len,
                     global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name,
-                    optim=st.optim, pipeline=st.pipeline)
+                    optim=st.optim, pipeline=st.pipeline, frozen_models=frozen_models)
 
 
 def _axes_size(mesh: Mapping[str, int], axes) -> int:
     if axes is None:
         return 1
     axes = axes if isinstance(axes, tuple) else (axes,)
-    return math.prod(mesh[a] for a in axes)
+    return math.prod(mesh.get(a, 1) for a in axes)
 
 
 def _rule_size(w: Workload, name: str) -> int:
@@ -207,6 +215,7 @@ def saved_activation_bytes(cfg: ModelConfig, rows: int, length: int, loss_chunk:
 class Plan:
     workload: Workload
     params: int
+    frozen: int
     gradients: int
     optimizer: int
     update: int
@@ -239,7 +248,7 @@ class Plan:
 
     def advice(self) -> str:
         w = self.workload
-        if self.biggest in ("params", "gradients", "optimizer", "update", "gathered", "pipeline"):
+        if self.biggest in ("params", "frozen", "gradients", "optimizer", "update", "gathered", "pipeline"):
             return (f"shard the weights over more devices: rules {w.rules!r} with mesh {dict(w.mesh)}; raise "
                     "mesh.fsdp (sharding_rules='fsdp'), add tensor parallelism (mesh.tensor, 'fsdp_tp'), or use "
                     "more devices")
@@ -322,7 +331,7 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
     else:
         activations = saved + working
     return Plan(workload=dataclasses.replace(w, model=w.model.replace(attention=local.attention)), params=p,
-                gradients=gradients, optimizer=optimizer, update=2 * p, gathered=gathered_bytes_per_device(w),
+                frozen=w.frozen_models * p, gradients=gradients, optimizer=optimizer, update=2 * p, gathered=gathered_bytes_per_device(w),
                 activations=activations, pipeline=pipeline, schedule=schedule_info,
                 flops_per_step=w.model.flops_per_token(w.seq_len) * w.tokens_per_step, peak_flops=peak_flops,
                 mfu=mfu, device_memory=device_memory, notes=tuple(notes))

@@ -62,33 +62,43 @@ def test_1b_plan_is_within_15_percent_of_xla():
     loss), at 8 x 1024 tokens per step so that it compiles in seconds; the real step, compiled."""
     c = _config("llama3.2-1b")
     w = dataclasses.replace(planner.workload_from_config(c, jax.device_count(), kinds=KINDS), global_batch=8, seq_len=1024,
-                            loss_chunk=512)
+                            loss_chunk=512, grad_accum=1)
     p = planner.plan(w, platform="cpu")
     compiled = planner.compiled_bytes_per_device(planner.compile_train_step(p.workload))
     assert 0.85 <= p.total / compiled <= 1.15, (p.report(), compiled)
 
 
-def test_405b_train_step_compiles_with_depth_independent_structure():
-    """The full 126-layer 405B step (TP 8 as in the paper, abstract shapes, 8 simulated devices) compiles; the
-    layers run as one scanned loop body, so the program is the same size at 4 layers and at 126."""
+def test_405b_pipelined_train_step_compiles_with_depth_independent_structure():
+    """The full 126-layer 405B step, pipelined as configured (interleaved 1F1B, 2 virtual stages, lighter first and
+    last stages) at a scaled-down mesh (pipe 2 x TP 4 on 8 simulated devices, abstract shapes) compiles; each
+    chunk's layers run as one scanned loop body, so the program is the same size at 6 layers and at 126."""
     c = _config("llama3.1-405b")
-    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count(), kinds=KINDS), global_batch=8, seq_len=256,
-                            loss_chunk=256)
-    assert w.model.n_layers == 126 and dict(w.mesh)["tensor"] == 8
+    assert dict(c.mesh)["pipe"] == 16 and c.pipeline.virtual == 2 and c.pipeline.lighter_ends == 1
+    c.mesh.update(pipe=2, tensor=4)
+    c.pipeline.update(microbatches=2)
+    w = dataclasses.replace(planner.workload_from_config(c, jax.device_count(), kinds=KINDS), global_batch=8,
+                            seq_len=256, loss_chunk=256)
+    assert w.model.n_layers == 126 and w.pipeline.stages == 2
     compiled = planner.compile_train_step(w)
     hlo = compiled.as_text()
-    assert re.search(r'known_trip_count[^}]*"n":"126"', hlo), "the 126 layers should be one while loop"
-    assert compiled.memory_analysis().argument_size_in_bytes > 405e9 * 4 * 3 / 8 * 0.99  # params + Adam, / TP 8
+    assert re.search(r'known_trip_count[^}]*"n":"32"', hlo), "(126 + 2) / (2 x 2) = 32 slots per chunk, one loop"
+    assert compiled.memory_analysis().argument_size_in_bytes > 405e9 * 4 * 3 / 8 * 0.99  # params + Adam, / 8
 
     def dots(model):
         lowered = planner.lower_train_step(dataclasses.replace(w, model=model))
         return lowered.as_text().count("dot_general")
 
-    assert dots(w.model) == dots(w.model.replace(n_layers=4)) > 0
+    assert dots(w.model) == dots(w.model.replace(n_layers=6)) > 0
+
+
+def _unpipelined_405b(devices):
+    c = _config("llama3.1-405b")
+    c.mesh.update(pipe=1)
+    return planner.workload_from_config(c, devices, kinds=KINDS)
 
 
 def test_does_not_fit_names_the_biggest_term_and_what_to_change():
-    w = planner.workload_from_config(_config("llama3.1-405b"), 64, kinds=KINDS)
+    w = _unpipelined_405b(64)  # FSDP 8 x TP 8, no pipeline
     p = planner.plan(w, device_memory=planner.parse_bytes("80GiB"))  # 32 rows of 8,192 tokens per device
     assert p.fits is False and p.biggest == "activations"
     assert "the biggest term is activations" in p.report() and "remat" in p.report()
