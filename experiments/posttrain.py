@@ -28,7 +28,8 @@ preferences=...[,size=8b|70b|405b]`): Llama 3's settings (LLAMA3_FACTS §7): 6 r
 human preference data (edited > chosen > rejected, no margin term), rejection sampling with K = 10 (paper
 10-30) scored by that round's reward model, SFT at LR 1e-5 for 9,000 steps, DPO at LR 1e-5 with β 0.1, NLL
 0.2 and formatting tokens masked, on the round's newest pairs; two DPO runs per round averaged. Not given by
-the paper (our choices): batch sizes (SFT 512 dialogs, RM 512 records, DPO 256 pairs), RM and DPO steps
+the paper (our choices): DPO's pairs are the rejection-sampling stage's best vs worst sample (the paper's DPO
+trains on the latest human preference annotations), batch sizes (SFT 512 dialogs, RM 512 records, DPO 256 pairs), RM and DPO steps
 (1,000 / 2,000), the second DPO run's LR (5e-6), sampling temperature 1.0. 8K sequences, bfloat16, FSDP (+ TP
 8 for 70B / 405B). Hardware: as pretraining of the size (experiments/pretrain.py).
 """

@@ -58,8 +58,9 @@ def round_stages(r: int, prompts: str, seq_len: int, *, policy: str, k: int = 10
     """Round `r` starting from stage `policy`: [rm_r ->] rs_r -> sft_r -> dpo_r [-> dpo_r_2.. -> avg_r].
 
     rs_r samples K responses per prompt from `policy` (the previous round's model) and keeps the best: the
-    round's SFT data (mixed with `sft_extra`, earlier SFT data, as Llama 3 does) and its DPO pairs, so each
-    round's data comes from the previous round's model. With `reward_preferences`, a reward model rm_r (from
+    round's SFT data (mixed with `sft_extra`, earlier SFT data, as Llama 3 does) and its DPO pairs (best vs
+    worst sample: a choice; Llama 3's DPO trains on the latest human preference annotations), so each round's
+    data comes from the previous round's model. With `reward_preferences`, a reward model rm_r (from
     `policy`) scores the samples, else `verifier` does. `dpo`: the DPO stage's options (beta, nll_coef, ...);
     `dpo_runs`: further DPO runs from sft_r on the same pairs, each a dict of overrides ("lr" and options),
     after which `avg_r` averages every DPO run of the round uniformly (Llama 3 §4.1.5: models from runs with
