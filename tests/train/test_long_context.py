@@ -35,13 +35,13 @@ def _stages(threshold):
                  needle_depths=[0.5], needle_lengths=[64, 128])
     return [E.stage("pretrain", [E.phase(32, 8)], E.optim(1e-3, 1), steps=2),
             E.stage("long", [E.phase(128, 2)], E.optim(1e-3, 1), steps=2, kind="long_context", options=gates),
-            E.stage("anneal", [E.phase(128, 2)], E.optim(1e-3, 0, decay="linear", final_lr_ratio=0.0), steps=3,
+            E.stage("anneal", [E.phase(128, 2)], E.optim(1e-3, 0, decay="linear", final_lr_ratio=0.0), steps=4,
                     kind="anneal", options=dict(average_last=2),
                     data=dict(sources=[dict(name="stdlib_prose", kind="corpus", path="prose", weight=1.0)]))]
 
 
 def test_gates_stop_then_resume_and_anneal_averages(data_cache, tmp_path):
-    c = _config(data_cache, **{"mesh.context": 4, "eval.batches": 1})
+    c = _config(data_cache, **{"mesh.context": 4, "eval.batches": 1, "checkpoint.every_steps": 4})
     c.stages = _stages(threshold=1.0)
     wd = str(tmp_path / "run")
     with pytest.raises(GateFailed, match=r"stage 'long': gate 'needle' failed at length 128: measured 0\.0000, "
@@ -62,14 +62,16 @@ def test_gates_stop_then_resume_and_anneal_averages(data_cache, tmp_path):
     assert short["value"] == pytest.approx(long["short_loss"] - results["pretrain"]["eval_loss"])
 
     anneal = results["anneal"]
-    assert anneal["averaged_steps"] == [2, 3] and anneal["averaged_checkpoint"] == 4
+    # the run saves every 4 steps; the 4-step anneal averaging 2 saves every 2 steps on its own
+    assert anneal["averaged_steps"] == [2, 4] == anneal_lib.averaged_steps(E.resolve(c, KINDS)[2])
+    assert anneal["averaged_checkpoint"] == 5
     cfg = E.resolve(c, KINDS)[2].model
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
                             transformer.param_shapes(cfg))
     d = workdir_lib.checkpoints_dir(wd, "anneal")
-    p2, p3, p4 = (jax.device_get(ckpt_lib.load_params(d, abstract, s)[0]) for s in (2, 3, 4))
-    jax.tree.map(lambda a, b, m: np.testing.assert_array_equal(m, (a + b) / np.float32(2)), p2, p3, p4)
+    p2, p4, p5 = (jax.device_get(ckpt_lib.load_params(d, abstract, s)[0]) for s in (2, 4, 5))
+    jax.tree.map(lambda a, b, m: np.testing.assert_array_equal(m, (a + b) / np.float32(2)), p2, p4, p5)
     assert anneal["averaged_loss"] != anneal["last_checkpoint_loss"]
 
 
@@ -287,6 +289,19 @@ def test_needle_gate_fails_at_any_length_up_to_the_stage():
     options = types.SimpleNamespace(needle_lengths=(), short_seq_len=256)
     assert long_lib.needle_lengths(options, 2048) == (256, 512, 1024, 2048)
     assert long_lib.needle_lengths(options, 1536) == (256, 512, 1024, 1536)
+
+
+def test_a_stage_checkpoint_setting_is_its_own_and_checked():
+    c = _experiment("tiny")
+    c.stages[0]["checkpoint"] = dict(every_steps=7, keep=2)
+    pretrain, long = E.resolve(c, KINDS)[:2]
+    assert (pretrain.checkpoint_every, pretrain.checkpoint_keep) == (7, 2)
+    assert (long.checkpoint_every, long.checkpoint_keep) == (c.checkpoint.every_steps, c.checkpoint.keep)
+    for own, message in ((dict(every=7), r"unknown checkpoint key\(s\) \['every'\]"),
+                         (dict(keep=0), r"checkpoint.keep=0 must be an integer >= 1")):
+        c.stages[0]["checkpoint"] = own
+        with pytest.raises(ValueError, match=rf"stage 'pretrain': {message}"):
+            E.resolve(c, KINDS)
 
 
 def test_needle_lengths_beyond_the_stage_are_refused():
