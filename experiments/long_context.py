@@ -4,12 +4,13 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
 
 * `tiny` — the `tiny` model (max length 2048, 3.1 RoPE scaling with original length 256) on the embedded
   corpus: `pretrain` at 256 tokens, `long_context` stages at 512 -> 1024 -> 2048 with tokens per batch constant
-  (16 x 256 = 8 x 512 = 4 x 1024 = 2 x 2048), then `anneal` at 2048 (LR linear to 0, prose upsampled from 0.3 to
-  0.7, the last 3 checkpoints averaged into the final model).
+  (16 x 256 = 8 x 512 = 4 x 1024 = 2 x 2048), then `anneal` at 2048 (LR linear to 0; prose raised from 0.3 to
+  0.7 of the mix and the last 3 checkpoints averaged into the final model: both choices at this size).
       python -m llama_jax.main --config=experiments/long_context.py:tiny --workdir=/tmp/llama_long
-  Each long_context stage gates on the validation loss at 256 tokens (within `tol` of the previous stage) and
-  on passkey accuracy at its length (>= `needle`; a 1.8M-parameter model trained for minutes does not solve the
-  passkey task, so the tiny default threshold is 0.0 and the heat maps record the measured accuracy).
+  Each long_context stage gates on the validation loss at 256 tokens (within `tol` of the 256-token pretrained
+  model every stage extends) and on passkey accuracy at every length from 256 up to its own (>= `needle` at each;
+  a 1.8M-parameter model trained for minutes does not solve the passkey task, so the tiny default threshold is
+  0.0 and the heat maps record the measured accuracy).
   Knobs: steps (pretrain steps; each later stage runs steps/4), lr, tol, needle, context (mesh.context: 1, 2 or 4
   work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
 * `probe` — the paper's data-value probe (section 3.1.3) at tiny size: a half-trained model (pretrain on code,
@@ -18,12 +19,19 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   held-out loss (code + prose) of the two averaged models. Knobs: steps (200), lr, weight. CPU.
       python -m llama_jax.main --config=experiments/long_context.py:probe,steps=40 --workdir=/tmp/llama_probe
 * `paper` — Llama 3.1 8B: the 8K pretraining is `experiments/pretrain.py:llama3.1-8b` (give its checkpoints as
-  `init_from`); here six long_context stages 8K -> 16K -> 32K -> 64K -> 96K -> 128K (the paper gives six stages
-  and ~800B tokens, not the lengths: these are a choice), 4M tokens per batch throughout (batch 256 x 16K ...
-  32 x 128K), about 133B tokens per stage, context parallelism 8 x FSDP, blockwise attention, full remat, the
-  chunked loss; each stage gated by short-context (8K) loss recovery (tolerance 0.02) and perfect needle
-  retrieval (threshold 1.0); then `anneal` over 40M tokens at 128K (LR linear 0, the `high_quality` source
-  upsampled: `ANNEAL_MIX`) averaging the last 5 checkpoints. Hardware: 64+ H100s; not run here.
+  `--config.init_from`; a long_context stage cannot start from scratch); here six long_context stages
+  8K -> 16K -> 32K -> 64K -> 96K -> 128K -> 128K and about 800B tokens (as the paper: six stages, ~800B tokens;
+  the lengths, ~133B tokens per stage, 4M tokens per batch (batch 256 x 16K ... 32 x 128K; 40 x 96K), the
+  learning rate 3e-5 and the second 128K stage are choices), context parallelism 8 x FSDP, blockwise attention,
+  full remat, the chunked loss. Each stage is gated on the paper's two criteria, short-context performance fully
+  recovered and needle-in-a-haystack solved perfectly at its length: here the 8K validation loss within 0.02
+  nats of the 8K model the extension started from (the measure and tolerance are choices) and passkey accuracy
+  1.0 at every length from 8K up to the stage's (the shorter lengths are a choice). Then `anneal` over
+  the final 40M tokens at 128K with the LR linear to 0 and the annealing checkpoints averaged (as the paper,
+  section 3.4.3); averaging the last 5 is a choice, and the stage saves every 2 of its 10 steps so that the 5
+  exist. The paper upsamples very-high-quality sources in the anneal (without shares): here the user's
+  `high_quality` source at 0.3 of the anneal's mix (`ANNEAL_MIX`, a choice). Hardware: 64 H100s (context 8 x
+  FSDP 8, one row per device per micro-batch: choices the planner says fit 80 GiB); not run here.
   Data: the paper's mix by name (`experiment.PAPER_MIX`, §3.1.2) plus `high_quality`, and Meta's tokenizer:
   `--config.tokenizer=PATH --config.data.paths.general_knowledge=PATH` (and `math_reasoning`, `code`,
   `multilingual`, `high_quality`); the run stops, naming what is missing, until all are given.
@@ -94,16 +102,24 @@ def _paper():
     tokens_per_batch = 4 * 2 ** 20
     gates = dict(short_seq_len=8192, short_tolerance=0.02, needle_threshold=1.0, needle_trials=8)
     stages = []
-    for length in (16_384, 32_768, 65_536, 98_304, 131_072):
-        stages.append(E.stage(f"long_{length // 1024}k", [E.phase(length, tokens_per_batch // length)],
+    lengths = (16_384, 32_768, 65_536, 98_304, 131_072)
+    needle_at = (8192,) + lengths  # the needle gate checks every length up to the stage's
+    fsdp = 8  # rows split over the 8 FSDP groups; gradients accumulated one row per device at a time
+    for length in lengths:
+        rows = tokens_per_batch // length // fsdp * fsdp  # 96K: 40 rows (3.9M tokens), the others exactly 4M
+        stages.append(E.stage(f"long_{length // 1024}k", [E.phase(length, rows)],
                               E.optim(3e-5, 100, final_lr_ratio=1.0), tokens=int(133e9), kind="long_context",
-                              loss_chunk=4096, options=dict(gates, needle_lengths=[length])))
-    # the sixth stage: the full 128K length again until the gates pass (the paper's "until recovered")
+                              loss_chunk=4096, grad_accum=rows // fsdp,
+                              options=dict(gates, needle_lengths=[n for n in needle_at if n <= length])))
+    # the sixth stage: 128K again (a choice: the paper gives six stages, not their lengths); a stage ends after its
+    # tokens and its gates must pass then (the paper trains a stage until they pass)
     stages.append(E.stage("long_128k_b", [E.phase(131_072, 32)], E.optim(3e-5, 0, final_lr_ratio=1.0),
-                          tokens=int(135e9), kind="long_context", loss_chunk=4096,
-                          options=dict(gates, needle_lengths=[131_072])))
+                          tokens=int(135e9), kind="long_context", loss_chunk=4096, grad_accum=32 // fsdp,
+                          options=dict(gates, needle_lengths=list(needle_at))))
+    # 40M tokens = 10 steps of 4M; the anneal saves its own checkpoints (every 2 steps, 5 kept: `stages.anneal`)
     stages.append(E.stage("anneal", [E.phase(131_072, 32)], E.optim(3e-5, 0, decay="linear", final_lr_ratio=0.0),
-                          tokens=int(40e6), kind="anneal", loss_chunk=4096, options=dict(average_last=5),
+                          tokens=int(40e6), kind="anneal", loss_chunk=4096, grad_accum=32 // fsdp,
+                          options=dict(average_last=5),
                           data=dict(sources=E.named_sources(ANNEAL_MIX))))
     c.stages = stages
     return c

@@ -46,8 +46,10 @@ paper's). Not given by the paper (our choices): batch sizes (SFT 512 dialogs, RM
 RM and DPO steps (1,000 / 2,000), how many of the latest annotation batches DPO reads (1; `dpo_batches` of
 `recipe.round_stages`), SFT warm-up (100 steps), the second run's LR of each averaged stage (5e-6),
 sampling temperature 1.0, the first round with system prompts (2) and the prompts themselves
-(`system_prompts=FILE`, one per line, replaces `STYLE_SYSTEM_PROMPTS`). 8K sequences, bfloat16, FSDP (+ TP 8
-for 70B / 405B). Hardware: as pretraining of the size (experiments/pretrain.py).
+(`system_prompts=FILE`, one per line, replaces `STYLE_SYSTEM_PROMPTS`). 8K sequences, bfloat16. Hardware, meshes
+and memory settings (choices that the planner says fit 80 GiB H100s on `plan_devices`): 8B on 64 (FSDP 64),
+70B on 512 (FSDP 64 x TP 8), 405B on 2,048 (FSDP 64 x context 4 x TP 8), full remat, gradients accumulated one
+record per device at a time; no pipeline, since the reward model and DPO train their own losses.
 """
 
 import os
@@ -59,9 +61,10 @@ from llama_jax.posttrain import recipe, tasks
 _CPU_KNOBS = ("init", "init_stage", "rounds", "k", "sft_steps", "dpo_steps", "dim", "layers", "task_dir", "rm",
               "sft_from", "rm_from", "pairs")
 _PAPER_KNOBS = ("init", "init_stage", "tokenizer", "sft", "prompts", "preferences", "size", "rounds", "k")
-# size: (preset, tensor parallelism, devices the mesh is planned for: `plan_devices`, a choice that fits 80 GiB H100s
-# with FSDP over the rest and no pipeline, since the reward model and DPO train their own losses)
-_PAPER = {"8b": ("llama3.1-8b", 1, 64), "70b": ("llama3.1-70b", 8, 512), "405b": ("llama3.1-405b", 8, 1024)}
+# size: (preset, tensor and context parallelism, devices the mesh is planned for: `plan_devices`), choices that fit
+# 80 GiB H100s with FSDP over the rest and no pipeline (the reward model and DPO train their own losses)
+_PAPER = {"8b": ("llama3.1-8b", 1, 1, 64), "70b": ("llama3.1-70b", 8, 1, 512),
+          "405b": ("llama3.1-405b", 8, 4, 2048)}
 _PAPER_ROUND_KNOBS = ("sampler", "system_prompts")
 # Steering system prompts of the paper variant's later rejection-sampling rounds (§4.2.2 gives none: our choice).
 STYLE_SYSTEM_PROMPTS = ("Answer accurately and concisely; say so when you are not sure.",
@@ -145,14 +148,14 @@ def get_config(arg: str | None = None):
         for knob in ("tokenizer", "sft", "prompts", "preferences"):
             if not getattr(a, knob):
                 raise ValueError(f"experiments/posttrain.py:paper needs {knob}=PATH")
-        preset, tensor, devices = _PAPER[a.size]
+        preset, tensor, context, devices = _PAPER[a.size]
         c = E.base_config()
         _init(c, a.init, a.init_stage)
         c.tokenizer, c.tokenizer_required = a.tokenizer, True  # Meta's tokenizer.model, no embedded fallback
         c.model.preset = preset
         c.model.dtype = "bfloat16"
-        c.model.remat = "save_dots_no_batch"
-        c.mesh.update(data=1, fsdp=-1, tensor=tensor)
+        c.model.remat = "full"
+        c.mesh.update(data=1, fsdp=-1, context=context, tensor=tensor)
         c.plan_devices = devices
         c.sharding_rules = "fsdp_tp" if tensor > 1 else "fsdp"
         # post-training stages read their own data (options); the schema asks for one source
@@ -172,6 +175,12 @@ def get_config(arg: str | None = None):
                 rs=dict(max_new_tokens=2048, temperature=1.0, batch_size=256, **sampler), rm_runs=_PAPER_RUNS,
                 sft_runs=_PAPER_RUNS, dpo_runs=_PAPER_RUNS, system_prompts=system_prompts if r >= 2 else ())
             policy = recipe.round_policy(r, _PAPER_RUNS)
+        # gradients accumulated so that each device holds one record (SFT: a dialog, RM: chosen / rejected /
+        # edited, DPO: a pair) at a time on `devices`: a choice that the planner says fits 80 GiB
+        records_per_device = {"sft": 512, "reward": 512, "dpo": 256}
+        for st in stages:
+            if st["kind"] in records_per_device:
+                st["grad_accum"] = max(1, records_per_device[st["kind"]] // (devices // (tensor * context)))
         c.stages = stages
         return c
     raise ValueError(f"unknown variant {a.variant!r} of experiments/posttrain.py; known: cpu, paper, dpo_sweep")

@@ -10,13 +10,13 @@ Variants (`--config=experiments/pretrain.py:VARIANT[,key=value,...]`):
   from 8.35 (ln 4096) to about 5.5; validation loss 6.3 / 5.8 / 5.65 (perplexity ~285) at steps 100 / 200 / 300;
   samples that look like Python and docstring prose. Knobs: steps, lr, batch, seq_len, warmup, layers, data (a
   .jsonl file/glob or text files to train on instead of the embedded corpus), stages (2 adds a long-context
-  stage that doubles the sequence length with a 10x lower LR, as in the paper's recipe shape). `llama3.2-1b`
+  stage that doubles the sequence length at a 10x lower LR: a choice; the paper gives neither). `llama3.2-1b`
   takes only `data`, the paper variants no knob; a knob a variant does not use is an error.
-* `llama3.2-1b` — Llama 3.2 1B architecture (tied embeddings), 8K sequences, 4M-token batches, LR 3e-4.
-  Not a paper variant (Llama 3.2 is not in the paper). Hardware: one 8xH100 node (FSDP 8, 16 micro-batches
-  per step, `save_dots_no_batch` remat: choices that the planner says fit 80 GiB) or a TPU v5p-32; give your
-  corpus as `data=PATH` and Meta's tokenizer.model as `--config.tokenizer=PATH` (without them it trains on
-  the embedded corpus with the embedded tokenizer).
+* `llama3.2-1b` — Llama 3.2 1B architecture (tied embeddings), 8K sequences, 4M-token batches. Llama 3.2 is
+  not in the paper: its LR 3e-4, 2,000 warm-up steps, cosine to 1% and 9T tokens are choices.
+  Hardware: one 8xH100 node (FSDP 8, 16 micro-batches per step, `save_dots_no_batch` remat: choices that the
+  planner says fit 80 GiB) or a TPU v5p-32; give your corpus as `data=PATH` and Meta's tokenizer.model as
+  `--config.tokenizer=PATH` (without them it trains on the embedded corpus with the embedded tokenizer).
 * `llama3.1-8b`, `llama3.1-70b`, `llama3.1-405b` — the paper's recipe (§3.4): peak LR 3e-4 / 1.5e-4 / 8e-5,
   8,000 warm-up steps, cosine decay to 1% of peak over the paper's 1,200,000-step schedule (`schedule_steps`;
   the 15.6T tokens at the batch ramp take about 1.1M steps, so training ends before the floor); the 405B

@@ -18,7 +18,8 @@ Variants (`--config=experiments/scaling_laws.py:VARIANT[,key=value,...]`):
   wd 0.1 x LR, peak LR 2e-3 -> 1e-3 by size; 124M tokens in all. Hardware: a 2-core CPU, sized for about an
   hour idle. Held-out loss: 32 x 16 x 128 validation tokens; multiple-choice set: 256 four-way items from
   held-out passages (48-token passage, 4-token choices). A reduced sweep: `cpu,budgets=3e11/1e12,...`.
-* `paper` — the paper's grid: budgets 6e18 ... 1e22 FLOPs, 69 runs of 103M-20B parameters (Llama 3 block,
+* `paper` — the paper's budgets, 6e18 ... 1e22 FLOPs, over this project's shape ladder (the paper's models span
+  40M-16B; the ladder's shapes and sizes are a choice): 69 runs of 103M-20B parameters (Llama 3 block,
   head_dim 128, GQA with 8 KV heads, vocab 128,256), 8,192-token sequences, batch 262K -> 4.2M tokens by
   budget, 2,000 warm-up steps, cosine decay to 0.1x peak, weight decay 0.1 x LR, peak LR 4e-4 -> 2e-4 by size.
   Hardware: a GPU/TPU cluster (bf16, FSDP); point `data.sources` at your corpus and `tokenizer` at Meta's

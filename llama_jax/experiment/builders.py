@@ -64,11 +64,14 @@ def phase(seq_len: int, global_batch: int, until_tokens: float | int = 0,
 
 def stage(name: str, phases: Iterable[dict], optim_cfg: dict, steps: int = 0, tokens: float | int = 0,
           kind: str = "pretrain", grad_accum: int = 1, loss_chunk: int = -1, model_overrides: dict | None = None,
-          data: dict | None = None, options: dict | None = None) -> dict:
-    """A stage; give its length as `steps` or `tokens` (converted to whole steps through the phases)."""
+          data: dict | None = None, options: dict | None = None, checkpoint: dict | None = None) -> dict:
+    """A stage; give its length as `steps` or `tokens` (converted to whole steps through the phases).
+    `checkpoint` (`every_steps`, `keep`) overrides the run's cadence and retention for this stage."""
     out = dict(name=name, kind=kind, phases=list(phases), steps=int(steps), tokens=int(tokens),
                optim=dict(optim_cfg), grad_accum=grad_accum, loss_chunk=loss_chunk,
                model_overrides=dict(model_overrides or {}), data=dict(data or {}))
+    if checkpoint:
+        out["checkpoint"] = dict(checkpoint)
     if options:
         out["options"] = dict(options)
     return out

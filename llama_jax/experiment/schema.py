@@ -10,12 +10,14 @@ ConfigDict:
 A stage: name, kind, phases (batch / sequence-length ramp), steps or tokens, optim, grad_accum, loss_chunk
 (positions per chunk of the fused output-head loss; 0: full logits; -1, the default: the platform's choice,
 `resolve_chunk`), optional per-stage data / model overrides (e.g. a long-context stage with a new RoPE
-base or a different mixture) and the kind's `options`, parsed once into the kind's typed options
-(`experiment.options`). Phases: [{seq_len, global_batch, until_tokens[, weights]}]: a new compiled step per
-shape, each step exactly global_batch x seq_len tokens; a phase ends at the first step at which the stage's
-cumulative tokens reach `until_tokens` (the last phase runs to the end of the stage); `weights` ({source name:
-weight}) changes those sources' mixture weights for the phase, in the stage's one document stream. A kind
-that trains nothing (`trains = False`: rejection sampling, averaging) takes no steps or tokens.
+base or a different mixture), an optional `checkpoint` override (`every_steps`, `keep`: the stage's own
+cadence and retention; without it the kind's `checkpoint_plan`, by default the run's `config.checkpoint`) and
+the kind's `options`, parsed once into the kind's typed options (`experiment.options`). Phases: [{seq_len,
+global_batch, until_tokens[, weights]}]: a new compiled step per shape, each step exactly global_batch x seq_len
+tokens; a phase ends at the first step at which the stage's cumulative tokens reach `until_tokens` (the last
+phase runs to the end of the stage); `weights` ({source name: weight}) changes those sources' mixture weights
+for the phase, in the stage's one document stream. A kind that trains nothing (`trains = False`: rejection sampling, averaging) takes no
+steps or tokens.
 
 `kinds` is the table of stage kinds (`llama_jax.stages.KINDS`, or a test's own): name -> kind object with
 `trains`, `parse_options(stage, raw)`, `check(stage)` (see `llama_jax.train.kind.StageKind`). Nothing here
@@ -38,7 +40,9 @@ from llama_jax.model import config as model_config
 from llama_jax.sharding import schedule as schedule_lib
 
 STAGE_KEYS = ("name", "kind", "phases", "steps", "tokens", "optim", "grad_accum", "loss_chunk", "model_overrides",
-              "data", "options")
+              "data", "checkpoint", "options")
+# what a stage's `checkpoint` may override: key -> minimum (the meaning of each is in INTERVALS)
+STAGE_CHECKPOINT_KEYS = {"every_steps": 0, "keep": 1}
 PHASE_KEYS = ("seq_len", "global_batch", "until_tokens", "weights")
 # (config path, minimum, what 0 means or None where 0 is not allowed)
 INTERVALS = (
@@ -119,7 +123,8 @@ class Stage:
     `init_source` says where the stage starts when it has no checkpoint of its own: `"previous:<stage>"`,
     `"init_from:<path>"` or `"scratch"`. `optim.total_steps` is the schedule length (`schedule_steps`, by
     default the stage's length). `data` is the stage's data config (read-only mapping, the pipeline's keys).
-    `options` is the kind's typed options (a frozen dataclass, `experiment.options`).
+    `options` is the kind's typed options (a frozen dataclass, `experiment.options`). `checkpoint_every` /
+    `checkpoint_keep`: the stage's checkpoint cadence (0 = only its last step) and retention (the newest kept).
     """
 
     index: int
@@ -137,6 +142,8 @@ class Stage:
     options: options_lib.StageOptions = options_lib.StageOptions()
     # how the train step is pipelined (stages = mesh.pipe; 1: not pipelined)
     pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()
+    checkpoint_every: int = 0  # both set by `resolve`
+    checkpoint_keep: int = 1
     # the stage whose data stream this one continues (its own index unless option continue_data is set)
     stream_index: int = -1
     # the global batches of every phase of every stage sharing this stage's data stream (they fix its default
@@ -277,6 +284,20 @@ def _check_pipeline(st: Mapping, pipe: schedule_lib.PipelineConfig, model_cfg, b
                              f"{int(st['grad_accum']) * pipe.n_micro}, or change pipeline.microbatches")
 
 
+def _stage_checkpoint(st: Any) -> dict:
+    """A stage's own `checkpoint` settings, checked: each key in STAGE_CHECKPOINT_KEYS, an integer >= its minimum."""
+    own = dict(st["checkpoint"])
+    unknown = sorted(set(own) - set(STAGE_CHECKPOINT_KEYS))
+    if unknown:
+        raise ValueError(f"stage {st['name']!r}: unknown checkpoint key(s) {unknown}; known: "
+                         f"{list(STAGE_CHECKPOINT_KEYS)}")
+    for key, minimum in STAGE_CHECKPOINT_KEYS.items():
+        value = own.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"stage {st['name']!r}: checkpoint.{key}={value!r} must be an integer >= {minimum}")
+    return own
+
+
 def _optim_config(st: Any, total_steps: int, trains: bool) -> OptimConfig:
     d = dict(st["optim"])
     schedule = int(d.pop("schedule_steps", 0) or 0)
@@ -339,7 +360,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         st = dict(st)
         st.setdefault("kind", "pretrain")
         for key, default in (("steps", 0), ("tokens", 0), ("grad_accum", 1), ("loss_chunk", -1),
-                             ("model_overrides", {}), ("data", {}), ("options", {})):
+                             ("model_overrides", {}), ("data", {}), ("checkpoint", {}), ("options", {})):
             st.setdefault(key, default)
         if st["kind"] not in kinds:
             raise ValueError(f"stage {st['name']!r}: unknown kind {st['kind']!r}; known: {tuple(kinds)}")
@@ -397,7 +418,12 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
                       total_steps=total, grad_accum=int(st["grad_accum"]),
                       loss_chunk=resolve_chunk(int(st["loss_chunk"])),
                       init_source=init_source, seed=int(c.seed), options=options, stream_index=index,
-                      pipeline=pipe)
+                      pipeline=pipe,
+                      checkpoint_every=int(c.checkpoint.every_steps), checkpoint_keep=int(c.checkpoint.keep))
+        own = _stage_checkpoint(st)
+        every, keep = (own.get("every_steps", stage.checkpoint_every), own.get("keep", stage.checkpoint_keep)) \
+            if own else kind.checkpoint_plan(stage)
+        stage = dataclasses.replace(stage, checkpoint_every=int(every), checkpoint_keep=int(keep))
         if stage.continue_data:
             stage = dataclasses.replace(stage, stream_index=stages[names.index(stage.previous)].stream_index)
         kind.check(stage)

@@ -4,7 +4,8 @@
 the sampling model may be any checkpoint with the same tokenizer (a larger teacher for a smaller student, as
 Llama 3's 405B model for its 8B and 70B models). `score_with_verifier` / `score_with_reward_model` score them
 (a program that checks the answer, or the reward model's scalar); `select` keeps the argmax per prompt when it
-reaches `min_score`, and also forms a preference pair (best vs worst sample, when their scores differ) for DPO.
+reaches `min_score`, and also forms a preference pair (best vs worst sample, when their scores differ) for DPO:
+a choice of this project, not Llama 3's (its DPO trains on human preference annotations, §4.1.4).
 Statistics: score distribution (mean, quantiles, histogram of best scores), kept fraction, pairs formed.
 """
 

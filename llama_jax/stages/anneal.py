@@ -1,13 +1,20 @@
-"""Stage kind `anneal`: LR to 0 over the last tokens, high-quality sources upsampled, the annealing checkpoints
-averaged (Llama 3 section 3.4.3).
+"""Stage kind `anneal`: LR to 0 over the last tokens, the annealing checkpoints averaged (Llama 3 section
+3.4.3: the final model is the average of the checkpoints written during annealing).
 
-It trains like `pretrain`; give the stage `optim(..., decay="linear", final_lr_ratio=0.0)` and `data` with the new
-weights. Options (`stages.options.AnnealOptions`): `average_last` = how many of the stage's checkpoints (steps
-> 0, the last included) are averaged (exactly, streaming: `train.averaging`) into the final model, which is saved
-as the stage's checkpoint `total_steps + 1` (what the next stage, `generate` and `convert` load); `start_from` =
-an earlier stage to anneal from (default: the previous one; the data-value probe, `experiment.data_value_probe`,
+It trains like `pretrain`; give the stage `optim(..., decay="linear", final_lr_ratio=0.0)` and `data` with the
+anneal's source weights (the paper upsamples very-high-quality sources; which ones is the experiment's choice).
+Options (`stages.options.AnnealOptions`): `average_last` = how many of the stage's checkpoints (steps > 0, the
+last included) are averaged (exactly, streaming: `train.averaging`) into the final model, which is saved as the
+stage's checkpoint `total_steps + 1` (what the next stage, `generate` and `convert` load); `start_from` = an
+earlier stage to anneal from (default: the previous one; the data-value probe, `experiment.data_value_probe`,
 anneals one checkpoint twice this way); `carry_optimizer` and `continue_data` as `long_context`. DONE.json
 records the loss of the last checkpoint and of the average.
+
+Checkpoints: an anneal writes and keeps the checkpoints it averages. Unless the stage sets its own `checkpoint`,
+it saves every min(config.checkpoint.every_steps, total_steps // average_last) steps (the run's cadence when
+that is already frequent enough) and keeps at least `average_last` of them (`checkpoint_plan`); a stage whose
+own cadence or retention cannot give `average_last` checkpoints is refused when the experiment is resolved
+(`check`). `averaged_steps(stage)` names the steps a run averages.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import os
 
 import jax
+from absl import logging
 
 from llama_jax import workdir as workdir_lib
 from llama_jax.stages import options as options_lib
@@ -24,9 +32,42 @@ from llama_jax.train import averaging
 from llama_jax.train import checkpoint as ckpt_lib
 
 
+def saved_steps(total_steps: int, every: int) -> list[int]:
+    """The steps (> 0) a stage of `total_steps` steps saves at with cadence `every` (0: its last step only)."""
+    periodic = range(every, total_steps + 1, every) if every > 0 else ()
+    return sorted(set(periodic) | {total_steps})
+
+
+def averaged_steps(stage) -> list[int]:
+    """The steps of the checkpoints an uninterrupted run of the resolved anneal `stage` averages: the last
+    `average_last` it saves (fewer only when its cadence cannot give them, which `Anneal.check` refuses)."""
+    return saved_steps(stage.total_steps, stage.checkpoint_every)[-stage.options.average_last:]
+
+
 class Anneal(Pretrain):
     name = "anneal"
     Options = options_lib.AnnealOptions
+
+    def checkpoint_plan(self, stage) -> tuple[int, int]:
+        """The run's cadence when it gives `average_last` checkpoints, else total_steps // average_last; at least
+        `average_last` kept."""
+        n = stage.options.average_last
+        spread = max(stage.total_steps // n, 1)
+        every = min(stage.checkpoint_every, spread) if stage.checkpoint_every > 0 else spread
+        return every, max(stage.checkpoint_keep, n)
+
+    def check(self, stage) -> None:
+        n, total = stage.options.average_last, stage.total_steps
+        if total < n:
+            raise ValueError(f"stage {stage.name!r} (anneal): options.average_last={n} checkpoints cannot come from "
+                             f"its {total} steps: lower average_last or lengthen the stage")
+        every, keep = stage.checkpoint_every, stage.checkpoint_keep
+        written = len(saved_steps(total, every))
+        if written < n or keep < n:
+            raise ValueError(f"stage {stage.name!r} (anneal) averages its last {n} checkpoints (options.average_last), "
+                             f"but checkpoint.every_steps={every} writes {written} in its {total} steps and "
+                             f"checkpoint.keep={keep} keeps {keep}: set the stage's checkpoint every_steps to at most "
+                             f"{total // n} and keep to at least {n}, or leave its checkpoint unset")
 
     def finish(self, ctx, state):
         st = ctx.stage
@@ -34,6 +75,9 @@ class Anneal(Pretrain):
         steps = [s for s in ckpt_lib.list_steps(directory) if 0 < s <= st.total_steps][-st.options.average_last:]
         if not steps:
             raise ValueError(f"stage {st.name!r}: no annealing checkpoint to average in {directory!r}")
+        if len(steps) < st.options.average_last:  # a run cut short (debug.max_steps) or checkpoints deleted
+            logging.warning("stage %r: averaging %d checkpoints %s, not options.average_last=%d", st.name,
+                            len(steps), steps, st.options.average_last)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
         averaged = averaging.average_checkpoints([(directory, s) for s in steps], abstract)
         p = st.phases[-1]
@@ -67,4 +111,4 @@ def data_value_report(results: dict) -> dict:
     return {"base_loss": base, "new_loss": new, "gain": base - new}
 
 
-__all__ = ["Anneal", "data_value_report"]
+__all__ = ["Anneal", "averaged_steps", "data_value_report", "saved_steps"]

@@ -17,8 +17,9 @@ from llama_jax.posttrain.dpo import BETA, NLL_COEF
 
 @dataclasses.dataclass(frozen=True)
 class Transition(StageOptions):
-    """Settings read by the driver when a stage starts from the previous stage's final checkpoint. The paper
-    trains on across its long-context stages and into the anneal, so both default to True.
+    """Settings read by the driver when a stage starts from the previous stage's final checkpoint. Both default
+    to True, a choice: the paper's long-context stages and anneal continue one training run, but it does not
+    say whether optimizer state or the data order carries across them.
 
     carry_optimizer: AdamW's moments and bias correction continue from the previous stage; the stage's own LR
       schedule starts at 0. False: a fresh optimizer state (zero moments).

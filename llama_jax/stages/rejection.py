@@ -1,5 +1,6 @@
 """Stage kind `rejection_sampling` (Llama 3 §4.2.2): K samples per prompt, scored by a verifier or a reward
-model, the best kept as SFT data plus best-vs-worst preference pairs. It trains nothing (`trains = False`): its
+model, the best kept as SFT data plus best-vs-worst preference pairs (a choice, not Llama 3's: its DPO trains on
+human preference annotations). It trains nothing (`trains = False`): its
 checkpoint is the model it started from, and `finish` samples, scores, selects and writes `sft.jsonl`,
 `preferences.jsonl` (best vs worst; DPO's data when a recipe chooses them over annotations) and `stats.json` in
 the stage's directory, for the stages after it. With `system_prompts` (Llama 3 §4.2.2, later rounds) each prompt

@@ -13,6 +13,9 @@ module plus one line in that table.
     Options                                its options (a frozen dataclass, `experiment.options`; parsed once
                                            by `parse_options`, read as `ctx.stage.options`)
     check(stage)                           checks that need the resolved stage (lengths, the model)
+    checkpoint_plan(stage)                 (every_steps, keep) of a stage that sets no `checkpoint` of its
+                                           own: the run's config.checkpoint, or what the kind needs (anneal:
+                                           the checkpoints it averages)
     check_data(stage)                      reads the stage's own data files (content, not only existence);
                                            the driver calls it for every unfinished stage before the first
                                            one trains, so bad data stops a run before hours of earlier stages
@@ -90,6 +93,10 @@ class StageKind:
 
     def check(self, stage: experiment.Stage) -> None:
         """Checks of the options that need the resolved stage; errors name the stage."""
+
+    def checkpoint_plan(self, stage: experiment.Stage) -> tuple[int, int]:
+        """(checkpoint every_steps, keep) of a stage that sets none of its own; default: the run's."""
+        return stage.checkpoint_every, stage.checkpoint_keep
 
     def check_data(self, stage: experiment.Stage) -> None:
         """Raises naming the file when one of the stage's own data files holds no valid record."""

@@ -99,7 +99,8 @@ class StageRun:
                                          eval_step=self._eval_step, workdir=workdir)
         self.stream = StageStream(kind, self.ctx)
         ck = c.checkpoint
-        self.ckpts = ckpt_lib.StageCheckpoints(workdir_lib.checkpoints_dir(workdir, stage.name), keep=ck.keep,
+        self.ckpts = ckpt_lib.StageCheckpoints(workdir_lib.checkpoints_dir(workdir, stage.name),
+                                               keep=stage.checkpoint_keep,
                                                keep_every=ck.keep_every or None, async_save=ck.async_save)
         self.monitor = SpikeMonitor(int(c.spike.max_bad_steps), int(c.spike.window), float(c.spike.spike_factor))
         self._steps: dict[Any, Any] = {}
@@ -284,7 +285,7 @@ class StageRun:
         """Whether step `step` ends with a checkpoint: periodic, the stage's last, or a preemption all
         processes agreed on (`Preemption.agreed`, a collective on a multi-process job)."""
         self._preempt = self.preemption.agreed()
-        return due(step, int(self.config.checkpoint.every_steps)) or step == self.total_steps or self._preempt
+        return due(step, self.stage.checkpoint_every) or step == self.total_steps or self._preempt
 
     def periodic(self, step: int, state, info: StageState, save: bool) -> None:
         """Checkpoint, preemption and evaluation after step `step` was dispatched (and, when `save`, its metrics

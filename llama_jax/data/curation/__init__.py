@@ -1,5 +1,7 @@
-"""Data curation on Apache Beam (Llama 3 §3.1.1): HTML extraction, language ID, URL / exact / near / line
-dedup, heuristic and model-based filters, PII masking, per-stage statistics.
+"""Data curation on Apache Beam after the families of Llama 3 §3.1.1: HTML extraction, language ID, URL / exact /
+near / line dedup, heuristic and model-based filters, PII masking, per-stage statistics. The quality model,
+language ID (py3langid, English only by default) and PII handling (masking, not the paper's domain removal) are
+substitutes for the paper's: the README's curation table says which and why.
 
 Entry point: ``python -m llama_jax.curate --input=GLOB --output=DIR``; Python: :func:`run`. Stage order and
 thresholds: :mod:`llama_jax.data.curation.config`. The output shards are read by the training pipeline as an
