@@ -9,6 +9,7 @@ devices have, the biggest term and what to change (`--config.skip_fit_check=true
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -47,6 +48,9 @@ def device_memory_bytes() -> tuple[int | None, str]:
     return host // n, f"host memory / {n} local device{'s' if n > 1 else ''}"
 
 
+_PLANNED: dict[str, int] = {}  # planned bytes per device by workload (stages and runs repeat their shapes)
+
+
 def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:
     """Raises a one-line ValueError for the first training stage whose planned step does not fit."""
     memory, source = device_memory_bytes()
@@ -56,7 +60,11 @@ def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:
         if st.total_steps == 0:
             continue
         w = planner.stage_workload(c, st, jax.device_count(), frozen_models=kinds[st.kind].frozen_models)
+        key = f"{dataclasses.replace(w, stage='', optim=None)!r} {jax.default_backend()}"  # the memory's inputs
+        if key in _PLANNED and _PLANNED[key] <= memory:
+            continue
         p = planner.plan(w, device_memory=memory, platform=jax.default_backend())
+        _PLANNED[key] = p.total
         if not p.fits:
             raise ValueError(
                 f"stage {st.name!r} does not fit: planned {planner.format_bytes(p.total)} per device > "
