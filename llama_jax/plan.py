@@ -46,19 +46,20 @@ cli.validate(_PEAK, lambda f: 0 < f < math.inf, "a positive number of FLOP/s")
 
 
 def main():
+    planned_for = _DEVICES.value or int(_CONFIG.value.get("plan_devices", 0))
     if _COMPILE.value:  # simulated devices must be configured before JAX starts
-        if not _DEVICES.value:
+        if not planned_for:
             raise ValueError("--compile needs --devices=N (the simulated CPU devices to compile for)")
         import jax  # noqa: PLC0415 - imported (config parsing may have), but no backend has started yet
 
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+        jax.config.update("jax_num_cpu_devices", planned_for)
     import jax  # noqa: PLC0415
 
     from llama_jax.stages import KINDS  # noqa: PLC0415
     from llama_jax.train import planner  # noqa: PLC0415
 
-    devices = _DEVICES.value or jax.device_count()
+    devices = planned_for or jax.device_count()
     memory = planner.parse_bytes(_DEVICE_MEMORY.value) if _DEVICE_MEMORY.value else None
     workload = planner.workload_from_config(_CONFIG.value, devices, _STAGE.value, kinds=KINDS)
     if _GRAD_ACCUM.value:

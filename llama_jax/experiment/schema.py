@@ -136,10 +136,13 @@ class Stage:
     phases: tuple[Phase, ...]
     total_steps: int
     grad_accum: int
-    loss_chunk: int
+    loss_chunk: int  # resolved for this process's platform (`resolve_chunk`)
     init_source: str
     seed: int
     options: options_lib.StageOptions = options_lib.StageOptions()
+    # the stage's `loss_chunk` as configured (-1: the platform's choice; the planner resolves it for the platform
+    # it plans)
+    loss_chunk_setting: int = -1
     # how the train step is pipelined (stages = mesh.pipe; 1: not pipelined)
     pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()
     checkpoint_every: int = 0  # both set by `resolve`
@@ -416,7 +419,7 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
                       optim=_optim_config(st, total, kind.trains), data=_freeze(data),
                       phases=_phases(st, bounds, data["sources"]),
                       total_steps=total, grad_accum=int(st["grad_accum"]),
-                      loss_chunk=resolve_chunk(int(st["loss_chunk"])),
+                      loss_chunk=resolve_chunk(int(st["loss_chunk"])), loss_chunk_setting=int(st["loss_chunk"]),
                       init_source=init_source, seed=int(c.seed), options=options, stream_index=index,
                       pipeline=pipe,
                       checkpoint_every=int(c.checkpoint.every_steps), checkpoint_keep=int(c.checkpoint.keep))

@@ -62,9 +62,9 @@ class Schedule:
         for s in range(self.stages):
             live, peak = 0, 0
             for k in range(self.ticks):
-                live += t[k, s, COL["f_micro"]] >= 0
+                live += int(t[k, s, COL["f_micro"]] >= 0)
                 peak = max(peak, live)
-                live -= t[k, s, COL["b_micro"]] >= 0
+                live -= int(t[k, s, COL["b_micro"]] >= 0)
             peaks.append(peak)
         return peaks
 

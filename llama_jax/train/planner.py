@@ -83,7 +83,7 @@ class Workload:
     seq_len: int
     global_batch: int
     grad_accum: int = 1
-    loss_chunk: int = 0
+    loss_chunk: int = 0  # -1: the planned platform's choice (`experiment.resolve_chunk`), resolved by `plan`
     stage: str = ""
     optim: experiment.OptimConfig = experiment.OptimConfig()  # the stage's optimizer (its state is planned)
     pipeline: schedule_lib.PipelineConfig = schedule_lib.PipelineConfig()  # stages = mesh["pipe"]
@@ -122,7 +122,7 @@ def stage_workload(c: Any, st: experiment.Stage, devices: int, frozen_models: in
     sizes = mesh_lib.resolve_mesh_shape(c.mesh.to_dict(), devices)
     rules_lib.get_rules(c.sharding_rules)
     return Workload(model=st.model, mesh=sizes, rules=c.sharding_rules, seq_len=p.seq_len,
-                    global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk, stage=st.name,
+                    global_batch=p.global_batch, grad_accum=st.grad_accum, loss_chunk=st.loss_chunk_setting, stage=st.name,
                     optim=st.optim, pipeline=st.pipeline, frozen_models=frozen_models)
 
 
@@ -307,6 +307,7 @@ def plan(w: Workload, device_memory: int | None = None, peak_flops: float = 989e
     """The memory / FLOPs plan of `w` (module docstring). `platform` resolves attention='auto'."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} must be in (0, 1]")
+    w = dataclasses.replace(w, loss_chunk=experiment.resolve_chunk(w.loss_chunk, platform))
     p = param_bytes_per_device(w)
     # AdamW's mu / nu take the parameters' dtype and sharding (optax.adamw with mu_dtype=None).
     optimizer = 2 * p
@@ -376,8 +377,8 @@ def pipeline_terms(w: Workload, local: ModelConfig, rows: int, length: int) -> t
             "lighter_ends": pipe.lighter_ends, "microbatch_rows": micro_rows, "layers_per_chunk": per_chunk,
             "bubble": sched.bubble(), "bubble_formula": schedule_lib.bubble_formula(pipe.stages, pipe.virtual,
                                                                                    pipe.n_micro),
-            "stash": max(sched.stash), "ticks": sched.ticks,
-            "p2p_bytes_per_step": w.grad_accum * sched.ticks * 2 * x_bytes,
+            "stash": max(sched.stash), "ticks": int(sched.ticks),
+            "p2p_bytes_per_step": int(w.grad_accum * sched.ticks * 2 * x_bytes),
             "reshard_bytes_per_step": int(2 * layer_bytes)}
     return buffers + backward, pipeline, info
 
@@ -400,7 +401,8 @@ def lower_train_step(w: Workload):
     optim_cfg = w.optim  # the driver's optimizer config of the stage
     abstract = step_lib.abstract_train_state(w.model, optim_cfg, mesh, rules)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=w.loss_chunk, pipeline=w.pipeline)
+    loss_chunk = experiment.resolve_chunk(w.loss_chunk, jax.default_backend())  # (a plan's is already resolved)
+    fn = step_lib.make_train_step(w.model, optim_cfg, w.grad_accum, loss_chunk=loss_chunk, pipeline=w.pipeline)
     step = step_lib.jit_train_step(fn, mesh, rules, shardings)
     batch = {k: jax.ShapeDtypeStruct((w.global_batch, w.seq_len), jnp.int32, sharding=mesh_lib.data_sharding(mesh))
              for k in step_lib.BATCH_KEYS}

@@ -74,7 +74,7 @@ def test_every_paper_variant_fits_80gib_on_the_devices_it_names(tmp_path):
     assert dict(w.mesh) == {"data": 1, "fsdp": 64, "pipe": 16, "context": 1, "tensor": 8}
     assert w.pipeline.lighter_ends == 1 and w.model.remat == "none"
     sched = planner.plan(w, device_memory=H100).schedule
-    assert sched["bubble"] == pytest.approx(15 / (2 * 16 + 15))
+    assert sched["bubble"] == pytest.approx(15 / (4 * 16 + 15))  # (P - 1) / (V M + P - 1)
 
 
 def test_a_step_that_cannot_fit_stops_before_any_data_or_parameter_is_built(tmp_path):
@@ -103,3 +103,13 @@ def test_a_checkpoint_restores_exactly_across_pipeline_degrees(tmp_path):
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(restored.params))
+
+
+def test_the_planner_resolves_the_loss_chunk_for_the_platform_it_plans():
+    """A stage that leaves `loss_chunk` at -1 gets the planned platform's chunk, not that of the host planning."""
+    c = _load("pretrain").get_config("tiny")
+    st = E.resolve(c, KINDS)[0]
+    assert st.loss_chunk_setting == -1 and st.loss_chunk == E.resolve_chunk(-1, jax.default_backend())
+    w = planner.stage_workload(c, st, 8)
+    for platform, chunk in (("gpu", 512), ("cpu", 128), ("tpu", 0)):
+        assert planner.plan(w, platform=platform).workload.loss_chunk == chunk
