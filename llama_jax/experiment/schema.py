@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from llama_jax.experiment import options as options_lib
+from llama_jax.experiment import parallelism
 from llama_jax.model import config as model_config
 from llama_jax.sharding import schedule as schedule_lib
 
@@ -255,38 +256,6 @@ def check_intervals(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{path}={value!r} must be an integer >= {minimum}{meaning}")
 
 
-def pipeline_config(c: ml_collections.ConfigDict) -> schedule_lib.PipelineConfig:
-    """The experiment's pipeline settings (`config.pipeline`, stages = `config.mesh.pipe`), checked."""
-    stages = int(c.mesh.get("pipe", 1))
-    if stages < 1:
-        raise ValueError(f"mesh.pipe={stages}: give the number of pipeline stages (>= 1; -1 is not allowed for pipe)")
-    raw = dict(c.get("pipeline", {}))
-    known = {f.name for f in dataclasses.fields(schedule_lib.PipelineConfig)} - {"stages"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"unknown pipeline key(s) {unknown}; known: {sorted(known)}")
-    pipe = schedule_lib.PipelineConfig(stages=stages, **raw)
-    if pipe.microbatches < 0:
-        raise ValueError(f"pipeline.microbatches={pipe.microbatches} must be >= 0 (0: as many as pipeline stages)")
-    schedule_lib.check(stages, pipe.virtual, pipe.n_micro, pipe.schedule)
-    return pipe
-
-
-def _check_pipeline(st: Mapping, pipe: schedule_lib.PipelineConfig, model_cfg, bounds) -> None:
-    where = f"stage {st['name']!r}"
-    if not model_cfg.scan_layers:
-        raise ValueError(f"{where}: pipeline parallelism (mesh.pipe={pipe.stages}) needs model.scan_layers=True")
-    try:
-        schedule_lib.layout(model_cfg.n_layers, pipe.stages, pipe.virtual, pipe.lighter_ends)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    for _, _, batch in bounds:
-        if batch % (int(st["grad_accum"]) * pipe.n_micro):
-            raise ValueError(f"{where}: global batch {batch} does not split into grad_accum={st['grad_accum']} x "
-                             f"pipeline.microbatches={pipe.n_micro}: use a batch that is a multiple of "
-                             f"{int(st['grad_accum']) * pipe.n_micro}, or change pipeline.microbatches")
-
-
 def _stage_checkpoint(st: Any) -> dict:
     """A stage's own `checkpoint` settings, checked: each key in STAGE_CHECKPOINT_KEYS, an integer >= its minimum."""
     own = dict(st["checkpoint"])
@@ -383,9 +352,9 @@ def resolve(c: ml_collections.ConfigDict, kinds: Mapping[str, Any]) -> list[Stag
         if int(st["loss_chunk"]) < -1:
             raise ValueError(f"stage {st['name']!r}: loss_chunk={st['loss_chunk']} must be >= 0 (0: full logits), "
                              "or -1 for the platform's default")
-        pipe = pipeline_config(c)
+        pipe = parallelism.pipeline_config(c)
         if pipe.stages > 1:
-            _check_pipeline(st, pipe, model_cfg, bounds)
+            parallelism.check_stage(st, pipe, model_cfg, bounds)
         data = c.data.to_dict()
         unknown_data = sorted(set(st["data"]) - set(data))
         if unknown_data:

@@ -17,7 +17,7 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 def test_make_mesh_fills_the_rest():
     m = mesh_lib.make_mesh({"data": 2, "fsdp": -1})
-    assert dict(m.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(m.shape) == {"data": 2, "fsdp": 4, "pipe": 1, "context": 1, "tensor": 1}
     assert mesh_lib.batch_divisor(m) == 8
     assert dict(mesh_lib.make_mesh().shape)["data"] == 8
 

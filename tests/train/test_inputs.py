@@ -41,14 +41,21 @@ def _posttrain_files(tmp_path) -> str:
     (inputs / "init").mkdir(parents=True, exist_ok=True)
     for name, line in files.items():
         (inputs / f"{name}.jsonl").write_text(line + "\n")
-    return ",".join(f"{name}={inputs / name}.jsonl" for name in files) + f",init={inputs / 'init'}"
+    return ",".join(f"{name}={inputs / name}.jsonl" for name in files) + f",init={inputs / 'init'},sampler=self"
+
+
+def _long_context_paper(init):
+    """`long_context.py:paper` extending the (empty) checkpoint directory `init` (its gates need a start)."""
+    c = _load("long_context").get_config("paper")
+    c.init_from = str(init)
+    return c
 
 
 def _paper_configs(tmp_path):
     """(label, config) of every paper variant, as loaded: no tokenizer, no data files."""
     out = [(f"pretrain:{v}", _load("pretrain").get_config(v)) for v in PAPER_PRETRAIN]
-    out.append(("long_context:paper", _load("long_context").get_config("paper")))
     knobs = "paper," + _posttrain_files(tmp_path)
+    out.append(("long_context:paper", _long_context_paper(tmp_path / "inputs" / "init")))
     with pytest.raises(ValueError, match=r"^experiments/posttrain.py:paper needs tokenizer=PATH$"):
         _load("posttrain").get_config(knobs)
     post = _load("posttrain").get_config(f"{knobs},tokenizer={tmp_path}/t.model")
@@ -84,13 +91,13 @@ def test_every_paper_variant_resolves_and_stops_before_building_anything_without
         assert _written(tmp_path) == [], label  # no workdir, corpus cache or tokenizer
 
 
-def test_the_papers_mix_by_name_and_the_anneal_upsamples_high_quality():
+def test_the_papers_mix_by_name_and_the_anneal_upsamples_high_quality(tmp_path):
     for variant in PAPER_PRETRAIN:
         c = _load("pretrain").get_config(variant)
         assert {s["name"]: s["weight"] for s in c.data.sources} == {
             "general_knowledge": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}  # §3.1.2
         assert sorted(c.data.paths) == sorted(MIX_NAMES)
-    stages = E.resolve(_load("long_context").get_config("paper"), KINDS)
+    stages = E.resolve(_long_context_paper(tmp_path), KINDS)
     anneal = {s["name"]: s["weight"] for s in stages[-1].data["sources"]}
     longest = {s["name"]: s["weight"] for s in stages[-2].data["sources"]}
     assert stages[-1].kind == "anneal" and "high_quality" not in longest
@@ -133,6 +140,8 @@ def given(tmp_path_factory):
 
 def _given_config(name, variant, given):
     c = _load(name).get_config(variant)
+    if name == "long_context":
+        c.init_from = os.path.dirname(given[0])
     c.tokenizer = given[0]
     for source in c.data.paths:
         c.data.paths[source] = given[1][source]

@@ -65,7 +65,9 @@ def test_sharded_loss_and_grads_equal_single_device(single_device_reference, nam
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
     # The parameters really were distributed as the rule set says.
     w1 = sharded["layers"]["block"]["mlp"]["w1"]
-    expected = {"dp": (None, None, None), "fsdp": (None, "fsdp", None), "fsdp_tp": (None, "fsdp", "tensor")}
+    # (every set also splits `embed` over `pipe`, of size 1 here)
+    expected = {"dp": (None, "pipe", None), "fsdp": (None, ("fsdp", "pipe"), None),
+                "fsdp_tp": (None, ("fsdp", "pipe"), "tensor")}
     assert tuple(w1.sharding.spec) == expected[rules]
 
 
