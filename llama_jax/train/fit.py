@@ -14,6 +14,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+from absl import logging
 
 from llama_jax.train import planner
 
@@ -59,7 +60,12 @@ def check(c: Any, stages: list, kinds: Mapping[str, Any]) -> None:
     for st in stages:
         if st.total_steps == 0:
             continue
-        w = planner.stage_workload(c, st, jax.device_count(), frozen_models=kinds[st.kind].frozen_models)
+        try:
+            w = planner.stage_workload(c, st, jax.device_count(), frozen_models=kinds[st.kind].frozen_models)
+            planner.local_workload(w, jax.default_backend())  # its batch splits over this mesh
+        except ValueError as e:  # a batch or mesh the stage cannot use: the stage says so itself when it starts
+            logging.warning("stage %r: memory not planned (%s)", st.name, e)
+            continue
         key = f"{dataclasses.replace(w, stage='', optim=None)!r} {jax.default_backend()}"  # the memory's inputs
         if key in _PLANNED and _PLANNED[key] <= memory:
             continue
