@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed_documents=400,  # positive seeds (half code, half prose) from the standard library; as many negatives
         n_features=2**18,  # hashed word 1-2-gram and character 3-5-gram features
         seed=0,
+        cache_dir="~/.cache/llama_jax/curation",  # fitted classifiers kept by their inputs (a choice); "": refit
     ))
     c.pii = ml_collections.ConfigDict(dict(
         email="<EMAIL>",

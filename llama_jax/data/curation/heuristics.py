@@ -23,6 +23,8 @@ import os
 import re
 from collections.abc import Mapping
 
+import numpy as np
+
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 _HASHTAG_RE = re.compile(r"(?<!\S)#\w", re.UNICODE)  # '#' opening a whitespace-separated word: #tag, not '# comment'
 _ELLIPSIS_RE = re.compile(r"\.\.\.|…")
@@ -51,65 +53,114 @@ def symbol_count(text: str) -> int:
     return len(_HASHTAG_RE.findall(text)) + len(_ELLIPSIS_RE.findall(text))
 
 
-def _top_ngram_fraction(ws: list[str], n: int, total_chars: int) -> float:
-    if len(ws) < n or total_chars == 0:
+class _Words:
+    """A document's words as integer ids (first-occurrence order), their lengths, and their n-grams as ids.
+
+    ``gram_ids(n)[i]`` identifies the n-gram starting at word ``i``: equal ids mean equal n-grams (built exactly,
+    one word at a time, with ``np.unique``; no hashing, so no collisions)."""
+
+    def __init__(self, ws: list[str]):
+        index: dict[str, int] = {}
+        self.ws = ws
+        self.ids = np.fromiter((index.setdefault(w, len(index)) for w in ws), dtype=np.int64, count=len(ws))
+        self.index = index  # word -> id, in first-occurrence order
+        self.counts = np.bincount(self.ids, minlength=len(index))  # per id
+        self.lengths = np.fromiter(map(len, ws), dtype=np.int64, count=len(ws))
+        self.total_chars = int(self.lengths.sum())
+        self.char_prefix = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._grams = {1: (self.ids, len(index))}
+
+    def gram_ids(self, n: int) -> tuple[np.ndarray, int]:
+        """``(ids of the len(ws) - n + 1 n-grams, number of distinct n-grams)``."""
+        if n not in self._grams:
+            prev, distinct = self.gram_ids(n - 1)
+            pairs = prev[:-1] * max(len(self.index), 1) + self.ids[n - 1:]  # < len(ws)^2: no int64 overflow
+            uniq, inverse = np.unique(pairs, return_inverse=True)
+            self._grams[n] = (inverse.reshape(-1), len(uniq))
+        return self._grams[n]
+
+    def gram_chars(self, n: int) -> np.ndarray:
+        """Word characters of the n-gram starting at each position."""
+        return self.char_prefix[n:] - self.char_prefix[:-n]
+
+
+def _top_ngram_fraction(doc: _Words, n: int) -> float:
+    if len(doc.ws) < n or doc.total_chars == 0:
         return 0.0
-    counts = collections.Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
-    count, chars = max((c, sum(len(w) for w in g)) for g, c in counts.items())  # ties: the longest
+    grams, distinct = doc.gram_ids(n)
+    counts = np.bincount(grams, minlength=distinct)
+    count = int(counts.max())
     if count < 2:
         return 0.0
-    return min(1.0, count * chars / total_chars)
+    chars = int(doc.gram_chars(n)[counts[grams] == count].max())  # ties: the longest
+    return min(1.0, count * chars / doc.total_chars)
 
 
-def _dup_ngram_fraction(ws: list[str], n: int, total_chars: int) -> float:
-    if len(ws) < n or total_chars == 0:
+def _dup_ngram_fraction(doc: _Words, n: int) -> float:
+    if len(doc.ws) < n or doc.total_chars == 0:
         return 0.0
-    grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
-    counts = collections.Counter(grams)
-    covered = bytearray(len(ws))
-    for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            covered[i:i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(ws, covered) if c) / total_chars
+    grams, distinct = doc.gram_ids(n)
+    starts = np.flatnonzero(np.bincount(grams, minlength=distinct)[grams] > 1)
+    edges = np.zeros(len(doc.ws) + 1, dtype=np.int64)
+    edges[starts] += 1
+    edges[starts + n] -= 1
+    covered = np.cumsum(edges[:-1]) > 0  # words inside at least one repeated n-gram
+    return int(doc.lengths[covered].sum()) / doc.total_chars
 
 
-def kl_divergence(ws: list[str], corpus_counts: Mapping[str, int], corpus_total: int) -> float:
-    """KL(document word distribution || smoothed corpus distribution) in nats."""
-    if not ws:
+def _kl_divergence(doc: _Words, corpus_counts: Mapping[str, int], corpus_total: int) -> float:
+    if not doc.ws:
         return 0.0
     vocab = len(corpus_counts) + 1
-    doc = collections.Counter(ws)
-    n = len(ws)
+    n = len(doc.ws)
     kl = 0.0
-    for w, c in doc.items():
+    for w, c in zip(doc.index, doc.counts.tolist()):
         p = c / n
         q = (corpus_counts.get(w, 0) + 1) / (corpus_total + vocab)
         kl += p * math.log(p / q)
     return kl
 
 
+def kl_divergence(ws: list[str], corpus_counts: Mapping[str, int], corpus_total: int) -> float:
+    """KL(document word distribution || smoothed corpus distribution) in nats."""
+    return _kl_divergence(_Words(ws), corpus_counts, corpus_total)
+
+
+def word_counts(text: str) -> dict[str, int]:
+    """How often each word of :func:`words` occurs in ``text`` (the per-document part of the corpus vocabulary)."""
+    doc = _Words(words(text))
+    return dict(zip(doc.index, doc.counts.tolist()))
+
+
+def _alpha_words(raw_words: list[str]) -> int:
+    """Whitespace-separated words containing a letter (each distinct word checked once)."""
+    counts = collections.Counter(raw_words)
+    return sum(c for w, c in counts.items() if any(ch.isalpha() for ch in w))
+
+
 def scores(text: str, corpus_counts: Mapping[str, int] | None = None, corpus_total: int = 0) -> dict[str, float]:
     """All heuristic scores of ``text`` (``kl_divergence`` only when corpus counts are given)."""
-    ws = words(text)
-    total_chars = sum(len(w) for w in ws)
+    doc = _Words(words(text))
+    ws, total_chars = doc.ws, doc.total_chars
     raw_words = text.split()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    dirty = dirty_words()
     out: dict[str, float] = {
         "words": float(len(ws)),
         "mean_word_length": total_chars / len(ws) if ws else 0.0,
         "symbol_word_ratio": symbol_count(text) / max(len(raw_words), 1),
-        "alpha_word_fraction": (sum(any(ch.isalpha() for ch in w) for w in raw_words) / len(raw_words)
-                                if raw_words else 0.0),
+        "alpha_word_fraction": _alpha_words(raw_words) / len(raw_words) if raw_words else 0.0,
         "bullet_line_fraction": sum(ln.startswith(_BULLETS) for ln in lines) / len(lines) if lines else 0.0,
         "ellipsis_line_fraction": (sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) if lines else 0.0),
-        "dirty_word_ratio": (sum(w in dirty_words() for w in ws) / len(ws)) if ws else 0.0,
+        "dirty_word_ratio": (sum(int(doc.counts[i]) for w, i in doc.index.items() if w in dirty) / len(ws)
+                             if ws else 0.0),
     }
     for n in TOP_NGRAMS:
-        out[f"top_ngram_{n}"] = _top_ngram_fraction(ws, n, total_chars)
+        out[f"top_ngram_{n}"] = _top_ngram_fraction(doc, n)
     for n in DUP_NGRAMS:
-        out[f"dup_ngram_{n}"] = _dup_ngram_fraction(ws, n, total_chars)
+        out[f"dup_ngram_{n}"] = _dup_ngram_fraction(doc, n)
     if corpus_counts is not None:
-        out["kl_divergence"] = kl_divergence(ws, corpus_counts, corpus_total)
+        out["kl_divergence"] = _kl_divergence(doc, corpus_counts, corpus_total)
     return out
 
 

@@ -154,3 +154,30 @@ def test_stage_names_are_validated():
     assert config_lib.parse_stages("pii,extract") == ("extract", "pii")
     with pytest.raises(ValueError, match="unknown curation stage"):
         config_lib.parse_stages("extract,dedup")
+
+
+def test_quality_model_is_fitted_once_per_inputs_and_cached(tmp_path, monkeypatch, caplog):
+    from llama_jax.data.curation import quality
+
+    fits = []
+    train = quality.QualityModel.train
+    monkeypatch.setattr(quality.QualityModel, "train", classmethod(lambda cls, *a: fits.append(a) or train(*a)))
+    monkeypatch.setattr(quality, "_FITTED", {})
+    texts = ["def f(x):\n    return x + 1\n", "Buy cheap watches online best price free shipping click here now!!!"]
+    first = quality.QualityModel.cached(40, 2**12, 0, str(tmp_path))
+    assert fits == [(40, 2**12, 0)] and len(list(tmp_path.glob("quality-*.pkl"))) == 1
+    monkeypatch.setattr(quality, "_FITTED", {})  # as a new process: loaded from the file, not refitted
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)).score(texts) == first.score(texts)
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)) is quality.QualityModel.cached(40, 2**12, 0)
+    assert len(fits) == 1
+    quality.QualityModel.cached(40, 2**12, 1, str(tmp_path))  # another seed: another key
+    assert len(fits) == 2 and len(list(tmp_path.glob("quality-*.pkl"))) == 2
+    monkeypatch.setattr(quality, "_FITTED", {})
+    for path in tmp_path.glob("quality-*.pkl"):
+        path.write_bytes(b"truncated")
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)).score(texts) == first.score(texts)  # refitted
+    assert len(fits) == 3
+    monkeypatch.setattr(quality, "_FITTED", {})
+    (tmp_path / "file").write_text("")
+    quality.QualityModel.cached(40, 2**12, 0, str(tmp_path / "file" / "cache"))  # cannot be written: fitted anyway
+    assert len(fits) == 4 and "cannot cache the fitted models" in caplog.text
