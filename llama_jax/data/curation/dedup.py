@@ -16,6 +16,7 @@ with probability ``1 - (1 - s^rows)^bands`` (16 x 8: 0.5 at s = 0.69, 0.98 at s 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import urllib.parse
@@ -88,6 +89,12 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _word_hash(word: str) -> int:
+    """:func:`stable_hash` of a word, remembered: most words recur across a worker's documents."""
+    return stable_hash(word)
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer (a bijection of uint64 that spreads every input bit over the output)."""
     x = x ^ (x >> np.uint64(30))
@@ -115,7 +122,7 @@ def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
         raise ValueError(f"near_dedup: shingle_size must be at most {len(_SHINGLE_WEIGHTS)}, got {shingle_size}")
     index: dict[str, int] = {}
     ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.int64, count=len(words))
-    word_hashes = np.fromiter((stable_hash(w) for w in index), dtype=np.uint64, count=len(index))[ids]
+    word_hashes = np.fromiter(map(_word_hash, index), dtype=np.uint64, count=len(index))[ids]
     count = len(words) - n + 1
     acc = np.zeros(count, dtype=np.uint64)
     with np.errstate(over="ignore"):

@@ -128,14 +128,18 @@ def kl_divergence(ws: list[str], corpus_counts: Mapping[str, int], corpus_total:
 
 def word_counts(text: str) -> dict[str, int]:
     """How often each word of :func:`words` occurs in ``text`` (the per-document part of the corpus vocabulary)."""
-    doc = _Words(words(text))
-    return dict(zip(doc.index, doc.counts.tolist()))
+    return dict(collections.Counter(words(text)))
+
+
+def _has_letter(word: str) -> bool:
+    if word.isascii():  # the ASCII letters are exactly its cased characters
+        return word.upper() != word.lower()
+    return any(ch.isalpha() for ch in word)
 
 
 def _alpha_words(raw_words: list[str]) -> int:
     """Whitespace-separated words containing a letter (each distinct word checked once)."""
-    counts = collections.Counter(raw_words)
-    return sum(c for w, c in counts.items() if any(ch.isalpha() for ch in w))
+    return sum(c for w, c in collections.Counter(raw_words).items() if _has_letter(w))
 
 
 def scores(text: str, corpus_counts: Mapping[str, int] | None = None, corpus_total: int = 0) -> dict[str, float]:

@@ -20,9 +20,10 @@ PHONE_RE = re.compile(
     r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,5}(?![\w-]|\.\d)"
 )
 
-# What every match of the pattern above contains, found by a much cheaper scan; a text without it is not searched
-# with the full pattern (the e-mail pattern's hint is an "@").
-_IPV4_HINT = re.compile(r"\d\.\d")
+# What every match of each pattern above contains, found by a much cheaper scan; a text without it is not searched
+# with the full pattern.
+_EMAIL_HINT = re.compile(r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\.")
+_IPV4_HINT = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
 _IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _PHONE_HINT = re.compile(r"\d{3}[ .-]\d{3}")
 
@@ -53,7 +54,7 @@ def mask(text: str, email: str = "<EMAIL>", phone: str = "<PHONE>", ip: str = "<
         except ValueError:
             return False
 
-    if "@" in text:
+    if "@" in text and _EMAIL_HINT.search(text):
         text = EMAIL_RE.sub(sub("email", email), text)
     if _IPV4_HINT.search(text):
         text = IPV4_RE.sub(sub("ip", ip), text)

@@ -116,18 +116,15 @@ def _fit(texts: list[str], labels: list[int], n_features: int, seed: int):
 
 def cache_key(n_seed_documents: int, n_features: int, seed: int) -> str:
     """A digest of everything the fitted models depend on: the arguments, this module's source (the seed
-    generator and the model settings), the standard-library files the seeds come from (names and sizes), and the
-    Python, NumPy and scikit-learn versions."""
+    generator and the model settings), the standard library the seeds come from (its folder and the Python build
+    that installed it), and the NumPy and scikit-learn versions."""
     import sklearn  # noqa: PLC0415
 
     h = hashlib.sha256()
     with open(__file__, "rb") as f:
         h.update(f.read())
-    root = corpus.stdlib_dir()
-    h.update(f"|{n_seed_documents}|{n_features}|{seed}|{sys.version}|{np.__version__}|{sklearn.__version__}|"
-             f"{os.path.abspath(root)}".encode())
-    for rel in corpus.list_files(root):
-        h.update(f"|{rel}:{os.path.getsize(os.path.join(root, rel))}".encode())
+    h.update(f"|{n_seed_documents}|{n_features}|{seed}|{sys.version}|{os.path.abspath(corpus.stdlib_dir())}|"
+             f"{np.__version__}|{sklearn.__version__}".encode())
     return h.hexdigest()[:24]
 
 
@@ -180,8 +177,11 @@ class QualityModel:
         if not texts:
             return []
         clipped = [t[:MAX_CHARS] for t in texts]
-        p_good = self.quality.predict_proba(clipped)[:, 1]
-        p_code = self.router.predict_proba(clipped)[:, 1]
+        vectorizer, router_vectorizer = self.quality[0], self.router[0]
+        features = vectorizer.transform(clipped)  # both models hash the same features: computed once
+        same = router_vectorizer.get_params() == vectorizer.get_params()
+        p_good = self.quality[-1].predict_proba(features)[:, 1]
+        p_code = self.router[-1].predict_proba(features if same else router_vectorizer.transform(clipped))[:, 1]
         return [(float(g), "code" if c >= 0.5 else "prose") for g, c in zip(p_good, p_code)]
 
 

@@ -145,6 +145,9 @@ def test_quality_model_separates_seeds_from_junk_and_routes_code():
     code = "def size(container):\n    if not container:\n        return 0\n    return len(container)\n"
     spam = "Buy cheap watches online best price free shipping click here now!!!\nBest deal casino bonus win"
     (p_prose, d_prose), (p_code, d_code), (p_spam, _) = model.score([prose, code, spam])
+    texts = [prose, code, spam] + held_out  # scored with the features hashed once, as each whole pipeline does
+    assert [p for p, _ in model.score(texts)] == model.quality.predict_proba(texts)[:, 1].tolist()
+    assert [d == "code" for _, d in model.score(texts)] == (model.router.predict_proba(texts)[:, 1] >= 0.5).tolist()
     assert d_prose == "prose" and d_code == "code"
     assert p_prose > 0.5 and p_code > 0.5 and p_spam < 0.5
 
