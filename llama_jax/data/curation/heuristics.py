@@ -12,6 +12,9 @@ Scores of one document, all computed on its words (``\\w+`` runs, lower-cased) a
 * ``words``, ``mean_word_length``, ``symbol_word_ratio`` (hashtags and ellipses per word, :func:`symbol_count`), ``alpha_word_fraction``
   (words containing a letter, over whitespace-separated words), ``bullet_line_fraction`` and
   ``ellipsis_line_fraction`` (of non-blank lines).
+
+The n-gram scores are computed on integer word ids with NumPy (n-grams built exactly, one word at a time, no
+hashing); they equal the plain-Python definitions above value for value (``tests/data/curation/test_reference.py``).
 """
 
 from __future__ import annotations
