@@ -104,7 +104,9 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-_SHINGLE_WEIGHTS = np.random.default_rng(0x5D1D).integers(0, 2**64, size=64, dtype=np.uint64, endpoint=False) | 1
+MAX_SHINGLE_SIZE = 64
+_SHINGLE_WEIGHTS = np.random.default_rng(0x5D1D).integers(0, 2**64, size=MAX_SHINGLE_SIZE, dtype=np.uint64,
+                                                          endpoint=False) | 1
 """Odd multipliers, one per word position of a shingle (fixed: part of the hash definition)."""
 
 
@@ -118,8 +120,8 @@ def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
     if not words:
         return np.zeros(0, dtype=np.uint64)
     n = min(shingle_size, len(words))
-    if n > len(_SHINGLE_WEIGHTS):
-        raise ValueError(f"near_dedup: shingle_size must be at most {len(_SHINGLE_WEIGHTS)}, got {shingle_size}")
+    if n > MAX_SHINGLE_SIZE:
+        raise ValueError(f"near_dedup: shingle_size must be at most {MAX_SHINGLE_SIZE}, got {shingle_size}")
     index: dict[str, int] = {}
     ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.int64, count=len(words))
     word_hashes = np.fromiter(map(_word_hash, index), dtype=np.uint64, count=len(index))[ids]

@@ -199,6 +199,9 @@ class NearDedup(beam.PTransform):
                              f"{cfg.num_perm}")
         if not 0.0 < cfg.threshold <= 1.0:
             raise ValueError(f"near_dedup: threshold must be in (0, 1], got {cfg.threshold}")
+        if not 1 <= cfg.shingle_size <= dedup.MAX_SHINGLE_SIZE:
+            raise ValueError(f"near_dedup: shingle_size must be in [1, {dedup.MAX_SHINGLE_SIZE}], got "
+                             f"{cfg.shingle_size}")
         self.cfg, self.chars = cfg, ctx.chars
 
     def expand(self, records):

@@ -150,7 +150,7 @@ class Quality(beam.PTransform):
 
     def __init__(self, cfg, ctx: StageContext):
         super().__init__()
-        model = quality.QualityModel.cached(cfg.seed_documents, cfg.n_features, cfg.seed, cfg.cache_dir)
+        model = quality.QualityModel.cached(cfg.seed_documents, cfg.n_features, cfg.seed, cfg.get("cache_dir", ""))
         self.fn = _QualityFn(model, cfg, ctx.chars)
 
     def expand(self, records):

@@ -37,6 +37,12 @@ def test_minhash_estimates_jaccard_within_sampling_error():
     assert len(dedup.band_keys(sig, 32, 8)) == 32
     with pytest.raises(ValueError, match="bands"):
         dedup.band_keys(sig, 10, 8)
+    from llama_jax.data.curation import dedup_transforms, records  # noqa: PLC0415
+
+    cfg = config_lib.get_config().near_dedup
+    cfg.shingle_size = dedup.MAX_SHINGLE_SIZE + 1
+    with pytest.raises(ValueError, match=r"near_dedup: shingle_size must be in \[1, 64\], got 65"):
+        dedup_transforms.NearDedup(cfg, records.StageContext(records.TokenCounter(), 10))
 
 
 def test_url_normalization():
