@@ -53,14 +53,16 @@ def symbol_count(text: str) -> int:
 
     Gopher counts every ``#``; a ``#`` followed by a space or another ``#`` (code comments, banner lines,
     Markdown headings) is no hashtag, so code and Markdown are not penalized for it."""
-    return len(_HASHTAG_RE.findall(text)) + len(_ELLIPSIS_RE.findall(text))
+    hashtags = len(_HASHTAG_RE.findall(text)) if "#" in text else 0
+    return hashtags + (len(_ELLIPSIS_RE.findall(text)) if "..." in text or "…" in text else 0)
 
 
 class _Words:
-    """A document's words as integer ids (first-occurrence order), their lengths, and their n-grams as ids.
+    """A document's words as integer ids (first-occurrence order), their lengths, and its repeatable n-grams.
 
-    ``gram_ids(n)[i]`` identifies the n-gram starting at word ``i``: equal ids mean equal n-grams (built exactly,
-    one word at a time, with ``np.unique``; no hashing, so no collisions)."""
+    :meth:`grams` builds n-gram ids exactly, one word at a time with ``np.unique`` (no hashing, so no
+    collisions), and only where an n-gram can occur more than once: where its first ``n - 1`` words form an
+    ``(n - 1)``-gram that occurs more than once (an n-gram that occurs twice has a prefix that does)."""
 
     def __init__(self, ws: list[str]):
         index: dict[str, int] = {}
@@ -71,42 +73,45 @@ class _Words:
         self.lengths = np.fromiter(map(len, ws), dtype=np.int64, count=len(ws))
         self.total_chars = int(self.lengths.sum())
         self.char_prefix = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._grams = {1: (self.ids, len(index))}
+        self._grams = {1: (np.arange(len(ws)), self.ids, self.counts)}
 
-    def gram_ids(self, n: int) -> tuple[np.ndarray, int]:
-        """``(ids of the len(ws) - n + 1 n-grams, number of distinct n-grams)``."""
+    def grams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, ids, counts)``: n-grams starting at ``starts`` (among them every n-gram that occurs more
+        than once, with all its occurrences), their ids (equal ids, equal n-grams) and each id's occurrences."""
         if n not in self._grams:
-            prev, distinct = self.gram_ids(n - 1)
-            pairs = prev[:-1] * max(len(self.index), 1) + self.ids[n - 1:]  # < len(ws)^2: no int64 overflow
-            uniq, inverse = np.unique(pairs, return_inverse=True)
-            self._grams[n] = (inverse.reshape(-1), len(uniq))
+            prev_starts, prev_ids, prev_counts = self.grams(n - 1)
+            keep = (prev_counts[prev_ids] > 1) & (prev_starts + n <= len(self.ws))
+            starts = prev_starts[keep]
+            pairs = prev_ids[keep] * max(len(self.index), 1) + self.ids[starts + n - 1]  # < len(ws)^2: fits int64
+            uniq, ids = np.unique(pairs, return_inverse=True)
+            ids = ids.reshape(-1)
+            self._grams[n] = (starts, ids, np.bincount(ids, minlength=len(uniq)))
         return self._grams[n]
 
-    def gram_chars(self, n: int) -> np.ndarray:
-        """Word characters of the n-gram starting at each position."""
-        return self.char_prefix[n:] - self.char_prefix[:-n]
+    def gram_chars(self, starts: np.ndarray, n: int) -> np.ndarray:
+        """Word characters of the n-grams starting at ``starts``."""
+        return self.char_prefix[starts + n] - self.char_prefix[starts]
 
 
 def _top_ngram_fraction(doc: _Words, n: int) -> float:
     if len(doc.ws) < n or doc.total_chars == 0:
         return 0.0
-    grams, distinct = doc.gram_ids(n)
-    counts = np.bincount(grams, minlength=distinct)
-    count = int(counts.max())
+    starts, ids, counts = doc.grams(n)
+    count = int(counts.max()) if len(counts) else 0
     if count < 2:
         return 0.0
-    chars = int(doc.gram_chars(n)[counts[grams] == count].max())  # ties: the longest
+    chars = int(doc.gram_chars(starts[counts[ids] == count], n).max())  # ties: the longest
     return min(1.0, count * chars / doc.total_chars)
 
 
 def _dup_ngram_fraction(doc: _Words, n: int) -> float:
     if len(doc.ws) < n or doc.total_chars == 0:
         return 0.0
-    grams, distinct = doc.gram_ids(n)
-    starts = np.flatnonzero(np.bincount(grams, minlength=distinct)[grams] > 1)
+    starts, ids, counts = doc.grams(n)
+    repeated = starts[counts[ids] > 1]
     edges = np.zeros(len(doc.ws) + 1, dtype=np.int64)
-    edges[starts] += 1
-    edges[starts + n] -= 1
+    edges[repeated] += 1
+    edges[repeated + n] -= 1
     covered = np.cumsum(edges[:-1]) > 0  # words inside at least one repeated n-gram
     return int(doc.lengths[covered].sum()) / doc.total_chars
 

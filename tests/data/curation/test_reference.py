@@ -26,7 +26,8 @@ def sample() -> list[str]:
         text = corpus.read_text(os.path.join(root, rel))
         docs += [text, corpus.extract_docstrings(text)]
     repeated = " ".join(["buy the best cheap watches online today"] * 10)
-    return docs + ["", "   \n ", "one", "a b a b a b", repeated, "x " * 12, "Ünïcödé wörds ² ½ 一 _ __ a_b …"]
+    return docs + ["", "   \n ", "one", "a b a b a b", repeated, "x " * 12, "Ünïcödé wörds ² ½ 一 _ __ a_b …",
+                   "#tag #two ok... and… # comment ## banner #!/bin/sh x#y\n- item\n• item..."]
 
 
 # --- references: the plain-Python definitions --------------------------------------------------------------
@@ -73,7 +74,8 @@ def _ref_scores(text, corpus_counts, corpus_total):
     out = {
         "words": float(len(ws)),
         "mean_word_length": total_chars / len(ws) if ws else 0.0,
-        "symbol_word_ratio": heuristics.symbol_count(text) / max(len(raw_words), 1),
+        "symbol_word_ratio": (len(re.findall(r"(?<!\S)#\w", text)) + len(re.findall(r"\.\.\.|…", text)))
+                             / max(len(raw_words), 1),
         "alpha_word_fraction": (sum(any(ch.isalpha() for ch in w) for w in raw_words) / len(raw_words)
                                 if raw_words else 0.0),
         "bullet_line_fraction": (sum(ln.startswith(heuristics._BULLETS) for ln in lines) / len(lines)
