@@ -155,11 +155,11 @@ class Components(beam.PTransform):
     """Connected components of a PCollection of ``(key, key)`` pairs, as ``(member, smallest member)`` for every
     member but the smallest, computed without sending the pairs to one key.
 
-    Each node's label starts as the smallest key among itself and its neighbours and, for ``LABEL_ROUNDS``
-    rounds, becomes the smallest label among its own and its neighbours' (a join with the adjacency lists, then a
-    min per node): every label is a member of the node's component, and after ``r`` rounds a node holds the
-    smallest key within ``r`` pairs of it. Pairs whose ends still hold different labels after the last round
-    name label pairs that are merged by one union-find; only those (none, once every component is settled) go
+    Each node's label starts as the smallest key among itself and its neighbours (round 1); in each of the
+    rounds 2 .. ``LABEL_ROUNDS`` it becomes the smallest label among its own and its neighbours' (a join with the
+    pairs, then a min per node): every label is a member of the node's component, and after round ``r`` a node
+    holds the smallest key within ``r`` pairs of it. The labels a node receives in the last round that still
+    differ are merged by one union-find; only those pairs of labels (none, once every component is settled) go
     to a single key. The result is exact for any graph: the labels of a component are all joined, through the
     pairs, to its smallest key, which is its own label."""
 
