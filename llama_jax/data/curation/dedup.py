@@ -5,7 +5,8 @@ These are the per-document functions; grouping by key and choosing the survivor 
 of Python's salted ``hash``), so any runner and any number of workers makes the same choices.
 
 MinHash (Broder 1997): a document is the set of its word ``shingle_size``-grams (lower-cased, punctuation
-dropped). Each shingle gets a 64-bit hash ``x`` (BLAKE2b); permutation ``i`` maps it to
+dropped). Each shingle gets a 64-bit hash ``x`` (:func:`shingle_hashes`: each distinct word is hashed once with
+BLAKE2b, and a shingle's hash mixes its words' hashes in NumPy); permutation ``i`` maps it to
 ``h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32`` with odd ``a_i`` (multiply-shift hashing), and the signature holds
 ``min_x h_i(x)`` for ``i < num_perm``. Two documents' signatures agree in a position with probability close to
 the Jaccard similarity of their shingle sets, so the fraction of agreeing positions estimates it. LSH splits the
@@ -15,6 +16,7 @@ with probability ``1 - (1 - s^rows)^bands`` (16 x 8: 0.5 at s = 0.69, 0.98 at s 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import urllib.parse
@@ -87,10 +89,54 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _word_hash(word: str) -> int:
+    """:func:`stable_hash` of a word, remembered: most words recur across a worker's documents."""
+    return stable_hash(word)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer (a bijection of uint64 that spreads every input bit over the output)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+MAX_SHINGLE_SIZE = 64
+_SHINGLE_WEIGHTS = np.random.default_rng(0x5D1D).integers(0, 2**64, size=MAX_SHINGLE_SIZE, dtype=np.uint64,
+                                                          endpoint=False) | 1
+"""Odd multipliers, one per word position of a shingle (fixed: part of the hash definition)."""
+
+
+def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
+    """The sorted distinct 64-bit hashes of the shingles of :func:`shingles` (``uint64``; empty for a text
+    without words): ``mix64(sum_j c_j * h(w_{i+j}) mod 2^64)`` over the words ``w_i .. w_{i+n-1}`` of each
+    shingle, with ``h`` the word's BLAKE2b hash (:func:`stable_hash`, once per distinct word), ``c_j`` fixed odd
+    multipliers and ``mix64`` the splitmix64 finalizer. Equal shingles get equal hashes; two different shingles
+    collide with probability about ``2^-64``."""
+    words = _WORD_RE.findall(text.lower())
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    n = min(shingle_size, len(words))
+    if n > MAX_SHINGLE_SIZE:
+        raise ValueError(f"near_dedup: shingle_size must be at most {MAX_SHINGLE_SIZE}, got {shingle_size}")
+    index: dict[str, int] = {}
+    ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.int64, count=len(words))
+    word_hashes = np.fromiter(map(_word_hash, index), dtype=np.uint64, count=len(index))[ids]
+    count = len(words) - n + 1
+    acc = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            acc += word_hashes[j:j + count] * _SHINGLE_WEIGHTS[j]
+        return np.unique(_mix64(acc))
+
+
 def minhash(text: str, shingle_size: int, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """The MinHash signature (``uint32 [num_perm]``) of a text's shingle set (all ``2^32 - 1`` if it is empty)."""
     sig = np.full(a.shape, np.iinfo(np.uint32).max, dtype=np.uint64)
-    hashes = np.fromiter((stable_hash(s) for s in shingles(text, shingle_size)), dtype=np.uint64)
+    hashes = shingle_hashes(text, shingle_size)
     with np.errstate(over="ignore"):
         for start in range(0, len(hashes), chunk):
             x = hashes[start:start + chunk, None]

@@ -4,7 +4,7 @@ Each has the stage shape of :mod:`llama_jax.data.curation.transforms` (``Stage(c
 ``(kept, removed)``). The keys and signatures come from :mod:`llama_jax.data.curation.dedup`; this module groups
 by them and chooses the survivors, independently of how the work is split: duplicates keep the smallest
 document key (URL dedup: the newest ``date``, then the smallest key), near-duplicate clusters are the connected
-components of the verified LSH candidate pairs.
+components of the verified LSH candidate pairs (:class:`Components`: the pairs are not sent to one key).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _verified_pairs(group, threshold: float):
 
 
 def _components(_, edges: Iterable[tuple[str, str]]):
-    """Union-find over the duplicate pairs: ``(removed key, kept key)`` for every non-minimal member."""
+    """Union-find over pairs: ``(member, smallest member)`` for every non-minimal member of each component."""
     parent: dict[str, str] = {}
 
     def find(x):
@@ -112,6 +112,70 @@ def _components(_, edges: Iterable[tuple[str, str]]):
         root = find(x)
         if root != x:
             yield x, root
+
+
+LABEL_ROUNDS = 4
+"""Rounds of smallest-label propagation over the duplicate pairs (a choice): a component whose smallest key is
+within ``LABEL_ROUNDS - 1`` pairs of every member (LSH clusters are mostly cliques) is settled by them; what is left
+is joined exactly by a union-find over the labels that still disagree."""
+
+
+def _first_labels(edge: tuple[str, str]):
+    a, b = edge
+    yield from ((a, a), (a, b), (b, a), (b, b))
+
+
+def _send_labels(joined):
+    """A node's label to itself and to each neighbour."""
+    node, groups = joined
+    label = min(groups["label"])
+    yield node, label
+    for neighbor in groups["adjacent"]:
+        yield neighbor, label
+
+
+def _settle(group):
+    """The smallest label a node received; the pairs of labels it saw that still disagree go to ``merge``."""
+    node, labels = group
+    labels = set(labels)
+    low = min(labels)
+    yield node, low
+    for other in sorted(labels - {low}):
+        yield beam.pvalue.TaggedOutput("merge", (low, other))
+
+
+def _mark(node_label, roots):
+    node, label = node_label
+    root = roots.get(label, label)
+    if root != node:
+        yield node, root
+
+
+class Components(beam.PTransform):
+    """Connected components of a PCollection of ``(key, key)`` pairs, as ``(member, smallest member)`` for every
+    member but the smallest, computed without sending the pairs to one key.
+
+    Each node's label starts as the smallest key among itself and its neighbours (round 1); in each of the
+    rounds 2 .. ``LABEL_ROUNDS`` it becomes the smallest label among its own and its neighbours' (a join with the
+    pairs, then a min per node): every label is a member of the node's component, and after round ``r`` a node
+    holds the smallest key within ``r`` pairs of it. The labels a node receives in the last round that still
+    differ are merged by one union-find; only those pairs of labels (none, once every component is settled) go
+    to a single key. The result is exact for any graph: the labels of a component are all joined, through the
+    pairs, to its smallest key, which is its own label."""
+
+    def expand(self, pairs):
+        adjacency = pairs | "BothWays" >> beam.FlatMap(lambda e: ((e[0], e[1]), (e[1], e[0])))
+        labels = pairs | "Label1" >> beam.FlatMap(_first_labels) | "Min1" >> beam.CombinePerKey(min)
+        for r in range(2, LABEL_ROUNDS + 1):
+            sent = ({"label": labels, "adjacent": adjacency} | f"Join{r}" >> beam.CoGroupByKey()
+                    | f"Send{r}" >> beam.FlatMap(_send_labels))
+            if r < LABEL_ROUNDS:
+                labels = sent | f"Min{r}" >> beam.CombinePerKey(min)
+        settled = (sent | "Received" >> beam.GroupByKey()
+                   | "Settle" >> beam.FlatMap(_settle).with_outputs("merge", main="labels"))
+        roots = (settled.merge | "DistinctMerges" >> beam.Distinct() | "One" >> beam.Map(lambda e: (0, e))
+                 | "Unsettled" >> beam.GroupByKey() | "Roots" >> beam.FlatMapTuple(_components))
+        return settled.labels | "Mark" >> beam.FlatMap(_mark, beam.pvalue.AsDict(roots))
 
 
 def _drop_marked(joined, stage: str, reason: str, chars: int):
@@ -135,6 +199,9 @@ class NearDedup(beam.PTransform):
                              f"{cfg.num_perm}")
         if not 0.0 < cfg.threshold <= 1.0:
             raise ValueError(f"near_dedup: threshold must be in (0, 1], got {cfg.threshold}")
+        if not 1 <= cfg.shingle_size <= dedup.MAX_SHINGLE_SIZE:
+            raise ValueError(f"near_dedup: shingle_size must be in [1, {dedup.MAX_SHINGLE_SIZE}], got "
+                             f"{cfg.shingle_size}")
         self.cfg, self.chars = cfg, ctx.chars
 
     def expand(self, records):
@@ -147,8 +214,7 @@ class NearDedup(beam.PTransform):
                  | "Buckets" >> beam.GroupByKey()
                  | "Verify" >> beam.FlatMap(_verified_pairs, cfg.threshold)
                  | "Distinct" >> beam.Distinct())
-        marks = (pairs | "One" >> beam.Map(lambda e: (0, e)) | "All" >> beam.GroupByKey()
-                 | "Clusters" >> beam.FlatMapTuple(_components))
+        marks = pairs | "Clusters" >> Components()
         keyed = records | "ByKey" >> beam.Map(lambda r: (r["key"], r))
         out = ({"docs": keyed, "marks": marks} | "Join" >> beam.CoGroupByKey()
                | "Drop" >> beam.FlatMap(_drop_marked, "near_dedup", "near_duplicate", self.chars)

@@ -21,6 +21,16 @@ def _math_to_tex(m: re.Match) -> str:
     return f"<span>${html_lib.unescape(body).strip()}$</span>"
 
 
+def check_available() -> None:
+    """Imports trafilatura, so that an install without its dependencies (lxml 5.2+ needs the separate
+    ``lxml_html_clean`` package) fails before any work, naming what is missing."""
+    try:
+        import trafilatura  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise ImportError(f"extract: HTML extraction cannot import trafilatura: {' '.join(str(e).split())} "
+                          "(install the pinned requirements: pip install -r requirements.txt)") from e
+
+
 def extract(html: str, include_tables: bool = True, include_comments: bool = False) -> str:
     """The main text of an HTML page ("" when there is none)."""
     import trafilatura  # noqa: PLC0415 - heavy import, only where extraction runs

@@ -20,6 +20,13 @@ PHONE_RE = re.compile(
     r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,5}(?![\w-]|\.\d)"
 )
 
+# What every match of each pattern above contains, found by a much cheaper scan; a text without it is not searched
+# with the full pattern.
+_EMAIL_HINT = re.compile(r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\.")
+_IPV4_HINT = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_PHONE_HINT = re.compile(r"\d{3}[ .-]\d{3}")
+
 
 def _digits(s: str) -> int:
     return sum(ch.isdigit() for ch in s)
@@ -47,8 +54,12 @@ def mask(text: str, email: str = "<EMAIL>", phone: str = "<PHONE>", ip: str = "<
         except ValueError:
             return False
 
-    text = EMAIL_RE.sub(sub("email", email), text)
-    text = IPV4_RE.sub(sub("ip", ip), text)
-    text = IPV6_RE.sub(sub("ip", ip, is_ipv6), text)
-    text = PHONE_RE.sub(sub("phone", phone, lambda s: 9 <= _digits(s) <= 15), text)
+    if "@" in text and _EMAIL_HINT.search(text):
+        text = EMAIL_RE.sub(sub("email", email), text)
+    if _IPV4_HINT.search(text):
+        text = IPV4_RE.sub(sub("ip", ip), text)
+    if _IPV6_HINT.search(text):
+        text = IPV6_RE.sub(sub("ip", ip, is_ipv6), text)
+    if _PHONE_HINT.search(text):
+        text = PHONE_RE.sub(sub("phone", phone, lambda s: 9 <= _digits(s) <= 15), text)
     return text, counts

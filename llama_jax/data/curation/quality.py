@@ -12,15 +12,21 @@ and deterministically (:func:`seed_documents`):
 
 The router is trained on the code positives against the prose positives. :class:`QualityModel` scores a
 document as ``(p_good, domain)``; the pipeline keeps it if ``p_good`` reaches the threshold of its domain.
-The models are fitted once in the launching process and shipped to the workers inside the transform.
+The models are fitted in the launching process and shipped to the workers inside the transform; fitted models
+are cached by their inputs (:meth:`QualityModel.cached`), so a later run with the same inputs does not refit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
+import pickle
 import random
 import string
+import sys
+import tempfile
 
 import numpy as np
 
@@ -108,6 +114,23 @@ def _fit(texts: list[str], labels: list[int], n_features: int, seed: int):
     return model
 
 
+def cache_key(n_seed_documents: int, n_features: int, seed: int) -> str:
+    """A digest of everything the fitted models depend on: the arguments, this module's source (the seed
+    generator and the model settings), the standard library the seeds come from (its folder and the Python build
+    that installed it), and the NumPy and scikit-learn versions."""
+    import sklearn  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    with open(__file__, "rb") as f:
+        h.update(f.read())
+    h.update(f"|{n_seed_documents}|{n_features}|{seed}|{sys.version}|{os.path.abspath(corpus.stdlib_dir())}|"
+             f"{np.__version__}|{sklearn.__version__}".encode())
+    return h.hexdigest()[:24]
+
+
+_FITTED: dict[str, "QualityModel"] = {}  # cache_key -> models fitted or loaded in this process
+
+
 @dataclasses.dataclass
 class QualityModel:
     """The fitted quality classifier (good vs junk) and router (code vs prose)."""
@@ -123,11 +146,55 @@ class QualityModel:
         router = _fit(good, [1] * len(seeds["code"]) + [0] * len(seeds["prose"]), n_features, seed)
         return cls(quality, router)
 
+    @classmethod
+    def cached(cls, n_seed_documents: int = 600, n_features: int = 2**18, seed: int = 0,
+               cache_dir: str = "") -> "QualityModel":
+        """:meth:`train`'s models, fitted once per set of inputs (:func:`cache_key`): kept for the rest of the
+        process and, when ``cache_dir`` is given, in ``cache_dir/quality-<key>.pkl`` for later runs. A cache file
+        that cannot be read is refitted and rewritten; one that cannot be written is skipped with a warning."""
+        key = cache_key(n_seed_documents, n_features, seed)
+        if key in _FITTED:
+            return _FITTED[key]
+        path = os.path.join(os.path.expanduser(cache_dir), f"quality-{key}.pkl") if cache_dir else ""
+        model = None
+        if path and os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    model = pickle.load(f)
+            except Exception:  # noqa: BLE001 - a truncated or stale pickle fails in many ways; refit then
+                model = None
+            if not isinstance(model, cls):
+                model = None
+        if model is None:
+            model = cls.train(n_seed_documents, n_features, seed)
+            if path:
+                _write_atomically(path, pickle.dumps(model))
+        _FITTED[key] = model
+        return model
+
     def score(self, texts: list[str]) -> list[tuple[float, str]]:
         """``(p_good, "code" | "prose")`` per text."""
         if not texts:
             return []
         clipped = [t[:MAX_CHARS] for t in texts]
-        p_good = self.quality.predict_proba(clipped)[:, 1]
-        p_code = self.router.predict_proba(clipped)[:, 1]
+        vectorizer, router_vectorizer = self.quality[0], self.router[0]
+        features = vectorizer.transform(clipped)  # both models hash the same features: computed once
+        same = router_vectorizer.get_params() == vectorizer.get_params()
+        p_good = self.quality[-1].predict_proba(features)[:, 1]
+        p_code = self.router[-1].predict_proba(features if same else router_vectorizer.transform(clipped))[:, 1]
         return [(float(g), "code" if c >= 0.5 else "prose") for g, c in zip(p_good, p_code)]
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = ""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        logging.warning("quality: cannot cache the fitted models in %s (%s); they are refitted next run", path,
+                        e.strerror or e)

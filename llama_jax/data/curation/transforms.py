@@ -49,10 +49,12 @@ class _ExtractFn(beam.DoFn):
 
 
 class Extract(beam.PTransform):
-    """``html`` records -> their main text (records with ``text`` pass); an empty extraction is removed."""
+    """``html`` records -> their main text (records with ``text`` pass); an empty extraction is removed.
+    A missing extraction dependency fails here, in the launching process, before any work."""
 
     def __init__(self, cfg, ctx: StageContext):
         super().__init__()
+        extract.check_available()
         self.fn = _ExtractFn(cfg, ctx.counter, ctx.chars)
 
     def expand(self, records):
@@ -104,9 +106,9 @@ class _HeuristicsFn(beam.DoFn):
 
 def _corpus_vocab(records, cfg):
     """The corpus word distribution (top ``kl_vocab`` words and the total word count) as a singleton."""
-    word_counts = (records
-                   | "Words" >> beam.FlatMap(lambda r: heuristics.words(r["text"]))
-                   | "CountWords" >> beam.combiners.Count.PerElement())
+    word_counts = (records  # one (word, count) element per distinct word of a document, summed per word
+                   | "Words" >> beam.FlatMap(lambda r: heuristics.word_counts(r["text"]).items())
+                   | "CountWords" >> beam.CombinePerKey(sum))
     top = word_counts | "Top" >> beam.combiners.Top.Of(cfg.kl_vocab, key=lambda wc: (wc[1], wc[0]))
     total = word_counts | "Values" >> beam.Values() | "Total" >> beam.CombineGlobally(sum)
     return top | "Vocab" >> beam.Map(lambda t, n: (dict(t), n), beam.pvalue.AsSingleton(total))
@@ -142,12 +144,13 @@ class _QualityFn(beam.DoFn):
 class Quality(beam.PTransform):
     """The model-based filter with code / prose routing; adds ``quality`` and ``domain``.
 
-    The classifiers are fitted here, in the launching process, and shipped to the workers inside the transform.
+    The classifiers are fitted here, in the launching process (or loaded from ``cfg.cache_dir`` when a run with the
+    same inputs fitted them before), and shipped to the workers inside the transform.
     """
 
     def __init__(self, cfg, ctx: StageContext):
         super().__init__()
-        model = quality.QualityModel.train(cfg.seed_documents, cfg.n_features, cfg.seed)
+        model = quality.QualityModel.cached(cfg.seed_documents, cfg.n_features, cfg.seed, cfg.get("cache_dir", ""))
         self.fn = _QualityFn(model, cfg, ctx.chars)
 
     def expand(self, records):

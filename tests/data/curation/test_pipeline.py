@@ -70,6 +70,7 @@ def _read_output(directory):
 def _config():
     cfg = curation.get_config()
     cfg.num_shards = 3
+    cfg.quality.cache_dir = ""  # fitted once for the module (below), not cached on disk
     return cfg
 
 

@@ -37,6 +37,12 @@ def test_minhash_estimates_jaccard_within_sampling_error():
     assert len(dedup.band_keys(sig, 32, 8)) == 32
     with pytest.raises(ValueError, match="bands"):
         dedup.band_keys(sig, 10, 8)
+    from llama_jax.data.curation import dedup_transforms, records  # noqa: PLC0415
+
+    cfg = config_lib.get_config().near_dedup
+    cfg.shingle_size = dedup.MAX_SHINGLE_SIZE + 1
+    with pytest.raises(ValueError, match=r"near_dedup: shingle_size must be in \[1, 64\], got 65"):
+        dedup_transforms.NearDedup(cfg, records.StageContext(records.TokenCounter(), 10))
 
 
 def test_url_normalization():
@@ -145,6 +151,9 @@ def test_quality_model_separates_seeds_from_junk_and_routes_code():
     code = "def size(container):\n    if not container:\n        return 0\n    return len(container)\n"
     spam = "Buy cheap watches online best price free shipping click here now!!!\nBest deal casino bonus win"
     (p_prose, d_prose), (p_code, d_code), (p_spam, _) = model.score([prose, code, spam])
+    texts = [prose, code, spam] + held_out  # scored with the features hashed once, as each whole pipeline does
+    assert [p for p, _ in model.score(texts)] == model.quality.predict_proba(texts)[:, 1].tolist()
+    assert [d == "code" for _, d in model.score(texts)] == (model.router.predict_proba(texts)[:, 1] >= 0.5).tolist()
     assert d_prose == "prose" and d_code == "code"
     assert p_prose > 0.5 and p_code > 0.5 and p_spam < 0.5
 
@@ -154,3 +163,30 @@ def test_stage_names_are_validated():
     assert config_lib.parse_stages("pii,extract") == ("extract", "pii")
     with pytest.raises(ValueError, match="unknown curation stage"):
         config_lib.parse_stages("extract,dedup")
+
+
+def test_quality_model_is_fitted_once_per_inputs_and_cached(tmp_path, monkeypatch, caplog):
+    from llama_jax.data.curation import quality
+
+    fits = []
+    train = quality.QualityModel.train
+    monkeypatch.setattr(quality.QualityModel, "train", classmethod(lambda cls, *a: fits.append(a) or train(*a)))
+    monkeypatch.setattr(quality, "_FITTED", {})
+    texts = ["def f(x):\n    return x + 1\n", "Buy cheap watches online best price free shipping click here now!!!"]
+    first = quality.QualityModel.cached(40, 2**12, 0, str(tmp_path))
+    assert fits == [(40, 2**12, 0)] and len(list(tmp_path.glob("quality-*.pkl"))) == 1
+    monkeypatch.setattr(quality, "_FITTED", {})  # as a new process: loaded from the file, not refitted
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)).score(texts) == first.score(texts)
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)) is quality.QualityModel.cached(40, 2**12, 0)
+    assert len(fits) == 1
+    quality.QualityModel.cached(40, 2**12, 1, str(tmp_path))  # another seed: another key
+    assert len(fits) == 2 and len(list(tmp_path.glob("quality-*.pkl"))) == 2
+    monkeypatch.setattr(quality, "_FITTED", {})
+    for path in tmp_path.glob("quality-*.pkl"):
+        path.write_bytes(b"truncated")
+    assert quality.QualityModel.cached(40, 2**12, 0, str(tmp_path)).score(texts) == first.score(texts)  # refitted
+    assert len(fits) == 3
+    monkeypatch.setattr(quality, "_FITTED", {})
+    (tmp_path / "file").write_text("")
+    quality.QualityModel.cached(40, 2**12, 0, str(tmp_path / "file" / "cache"))  # cannot be written: fitted anyway
+    assert len(fits) == 4 and "cannot cache the fitted models" in caplog.text
