@@ -38,8 +38,8 @@ CASES = [("pipe 1 (data 8)", {"data": 8}, None),
          ("pipe 2 x data 4, gpipe, M 4", {"pipe": 2, "data": 4}, dict(microbatches=4, schedule="gpipe")),
          ("pipe 4 x data 2, 1f1b, M 4", {"pipe": 4, "data": 2}, dict(microbatches=4)),
          ("pipe 2 x data 4, 1f1b, V 2, M 4", {"pipe": 2, "data": 4}, dict(microbatches=4, virtual=2))]
-PAPER = [("405B 8K, 8,192 GPUs (Table 4), as configured", 16, 2, 16), ("405B 8K, V 1", 16, 1, 16),
-         ("405B 8K, V 1, M 32", 16, 1, 32), ("405B 8K, V 2, M 32", 16, 2, 32), ("405B 8K, V 4, M 32", 16, 4, 32)]
+PAPER = [("405B 8K on 8,192 GPUs (Table 4's mesh), as configured", 16, 4, 16), ("V 1", 16, 1, 16),
+         ("V 2", 16, 2, 16), ("V 1, M 32", 16, 1, 32), ("V 2, M 32", 16, 2, 32), ("V 4, M 32", 16, 4, 32)]
 
 
 def measure(cfg, optim, mesh_shape, pipe_kw, batch):

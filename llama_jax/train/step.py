@@ -232,7 +232,11 @@ def jit_train_step(train_step: Callable, mesh: Mesh, rules, shardings: TrainStat
         with jax.set_mesh(mesh):
             return jitted(state, {k: batch[k] for k in device_keys(batch)})
 
-    run.lower = lambda state, batch: jitted.lower(state, {k: batch[k] for k in device_keys(batch)})  # inspection
+    def lower(state: TrainState, batch: Batch):  # inspection: the compiled program, its memory
+        with jax.set_mesh(mesh):
+            return jitted.lower(state, {k: batch[k] for k in device_keys(batch)})
+
+    run.lower = lower
     return run
 
 
