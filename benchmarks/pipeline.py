@@ -32,6 +32,7 @@ from llama_jax.train import step as step_lib  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per mesh (after one warm-up step).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results as JSON to this path.")
+_CPU = flags.DEFINE_bool("cpu", True, "Measure the CPU meshes (False: only the paper tables, from the planner).")
 
 CASES = [("pipe 1 (data 8)", {"data": 8}, None),
          ("pipe 2 x data 4, 1f1b, M 4", {"pipe": 2, "data": 4}, dict(microbatches=4)),
@@ -74,7 +75,21 @@ def main(_):
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
              "segment_ids": np.ones((rows, length), np.int32), "loss_mask": np.ones((rows, length), np.int32)}
-    results = {"cpu": [], "paper": []}
+    results = {"cpu": [], "paper": [], "plans": []}
+    main_tables(cfg, optim, batch, results, rows, length)
+
+
+def main_tables(cfg, optim, batch, results, rows, length):
+    if _CPU.value:
+        measure_cpu(cfg, optim, batch, results, rows, length)
+    paper_tables(results)
+    if _JSON.value:
+        os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def measure_cpu(cfg, optim, batch, results, rows, length):
     base = None
     print(f"{cfg.name}: {rows} x {length} tokens per step, 8 simulated devices, {os.cpu_count()} CPU cores")
     print("| mesh, schedule | s / step | vs pipe 1 | MiB / device (XLA) | vs pipe 1 | loss after 1+steps |")
@@ -86,6 +101,9 @@ def main(_):
         print(f"| {name} | {r['seconds_per_step']:.3f} | {r['seconds_per_step'] / base['seconds_per_step']:.2f} | "
               f"{r['bytes_per_device'] / 2 ** 20:.1f} | {r['bytes_per_device'] / base['bytes_per_device']:.2f} | "
               f"{r['loss']:.4f} |", flush=True)
+
+
+def paper_tables(results):
     print("\n| paper mesh | P | V | M | bubble (table) | (P-1)/(VM+P-1) | inputs kept, first stage | ticks |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for name, p, v, m in PAPER:
@@ -96,10 +114,24 @@ def main(_):
         results["paper"].append(row)
         print(f"| {name} | {p} | {v} | {m} | {row['bubble']:.3f} | {row['formula']:.3f} | {row['stash']} "
               f"(GPipe {row['gpipe_stash']}) | {s.ticks} |")
-    if _JSON.value:
-        os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
-        with open(_JSON.value, "w") as f:
-            json.dump(results, f, indent=1)
+    # Table 4's 405B meshes, planned per device at 80 GiB (GiB; the planner's terms, `llama_jax.train.planner`)
+    from llama_jax.train import planner  # noqa: PLC0415
+    model = model_config.get("llama3.1-405b").replace(dtype="bfloat16", remat="none")
+    pipe = schedule_lib.PipelineConfig(stages=16, virtual=4, microbatches=16, lighter_ends=1)
+    meshes = [("8K, 8,192 GPUs: TP 8, PP 16, DP 64", dict(data=1, fsdp=64, pipe=16, context=1, tensor=8), 8192, 2048),
+              ("8K, 16,384 GPUs: TP 8, PP 16, DP 128", dict(data=1, fsdp=128, pipe=16, context=1, tensor=8), 8192,
+               2048),
+              ("128K: TP 8, CP 16, PP 16, DP 4", dict(data=1, fsdp=4, pipe=16, context=16, tensor=8), 131072, 128)]
+    print("\n| 405B, Table 4 mesh | global batch x seq | bubble | planned GiB per device (80 GiB) | biggest term |")
+    print("|---|---|--:|--:|---|")
+    for name, mesh, seq, batch in meshes:
+        w = planner.Workload(model=model, mesh=mesh, rules="fsdp_tp", seq_len=seq, global_batch=batch,
+                             loss_chunk=4096, pipeline=pipe, stage=name)
+        p = planner.plan(w, device_memory=80 * 2 ** 30)
+        results["plans"].append(dict(name=name, mesh=mesh, seq_len=seq, global_batch=batch, bubble=p.schedule["bubble"],
+                                     planned_bytes=p.total, fits=p.fits, biggest=p.biggest))
+        print(f"| {name} | {batch} x {seq:,} | {p.schedule['bubble']:.3f} | {p.total / 2 ** 30:.1f} "
+              f"({'fits' if p.fits else 'does not fit'}) | {p.biggest} |")
 
 
 if __name__ == "__main__":
