@@ -121,11 +121,13 @@ def paper_tables(results):
     meshes = [("8K, 8,192 GPUs: TP 8, PP 16, DP 64", dict(data=1, fsdp=64, pipe=16, context=1, tensor=8), 8192, 2048),
               ("8K, 16,384 GPUs: TP 8, PP 16, DP 128", dict(data=1, fsdp=128, pipe=16, context=1, tensor=8), 8192,
                2048),
-              ("128K: TP 8, CP 16, PP 16, DP 4", dict(data=1, fsdp=4, pipe=16, context=16, tensor=8), 131072, 128)]
+              ("128K: TP 8, CP 16, PP 16, DP 4", dict(data=1, fsdp=4, pipe=16, context=16, tensor=8), 131072, 128),
+              ("128K, the same with full remat", dict(data=1, fsdp=4, pipe=16, context=16, tensor=8), 131072, 128)]
     print("\n| 405B, Table 4 mesh | global batch x seq | bubble | planned GiB per device (80 GiB) | biggest term |")
     print("|---|---|--:|--:|---|")
     for name, mesh, seq, batch in meshes:
-        w = planner.Workload(model=model, mesh=mesh, rules="fsdp_tp", seq_len=seq, global_batch=batch,
+        remat = "full" if "full remat" in name else model.remat
+        w = planner.Workload(model=model.replace(remat=remat), mesh=mesh, rules="fsdp_tp", seq_len=seq, global_batch=batch,
                              loss_chunk=4096, pipeline=pipe, stage=name)
         p = planner.plan(w, device_memory=80 * 2 ** 30)
         results["plans"].append(dict(name=name, mesh=mesh, seq_len=seq, global_batch=batch, bubble=p.schedule["bubble"],
