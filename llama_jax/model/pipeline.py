@@ -5,9 +5,10 @@ disk and in memory for every pipeline degree: a checkpoint does not know how it 
 train step the stack is gathered into the pipeline layout [V, P, Lc, ...] (`to_stages`): chunk c = v * P + s
 holds the model's next Lc layers and runs on stage s, so stage s holds V chunks, P x V apart in depth (the
 interleaved placement). `lighter_ends` leaves that many slots of the first and of the last chunk empty, the
-paper's balance for the stages that also run the embedding and the output head (405B: 126 layers + 2 empty
-slots = 16 stages x 8); other empty slots go to the chunks just before the last when L does not divide. Empty
-slots are skipped, not computed.
+paper's rule for the stages that also run the embedding and the output head (405B: 126 layers + 2 empty
+slots = 16 stages x 8); other empty slots go to the chunks just before the last when L does not divide. An
+empty slot passes its input through (its layer is computed and discarded: every stage runs the same program in
+lockstep, `sharding.pipeline`, so a lighter stage does not make a tick shorter here).
 
 The first chunk embeds its microbatch, the last runs the final norm, the output head and the loss
 (`token_loss(hidden, w_out [D, V], targets, mask) -> (sum, count)`, the fused chunked loss in training), so

@@ -4,8 +4,8 @@
 pass and returns the loss (sum, count) and the gradients of the three parameter groups:
 
   * `stage_w`: the layer stack laid out per stage, every leaf [V, P, Lc, ...] with P over `pipe` (chunk
-    v * P + s of the model runs on stage s); `real` [V, P, Lc] marks the slots that hold a layer (the others are
-    skipped: uneven layer counts and the lighter first and last stages);
+    v * P + s of the model runs on stage s); `real` [V, P, Lc] marks the slots that hold a layer (the others
+    pass their input through: uneven layer counts and the lighter first and last stages);
   * `embed_w`: what the first chunk's `embed(embed_w, tokens)` reads (the embedding table), on every stage;
   * `head_w`: what the last chunk's `head(head_w, hidden, targets, mask) -> (loss sum, count)` reads.
 
@@ -15,7 +15,12 @@ tick, a stage runs the forward its table row names (input: the embedding of its 
 that arrived earlier and waits in a slot), then the backward (the chunk's forward recomputed from the stashed
 input under `jax.vjp`: remat at chunk granularity, each layer under the model's own remat policy inside), and
 then every stage passes its output to the next stage and its input gradient to the previous one with
-`ppermute`. Units a stage has nothing to do for are skipped with `lax.cond`, so the bubble costs no compute.
+`ppermute`. Every stage runs the same program in lockstep (SPMD): a stage with no unit in a tick computes one
+with zero weight (seeds and outputs masked), which costs no time on real devices because the tick lasts as long
+as its busiest stage; only ticks in which no stage has a forward (or a backward) skip it, for all stages at
+once (`lax.cond` on a predicate every device shares: a device-dependent branch around the automatic axes'
+collectives would stall them). Each tick thus costs one chunk forward and one chunk backward with recompute,
+the embedding and the head included, whichever stage needs them.
 
 `loss_fn(...)` wraps it as a differentiable `(loss sum, count)` whose forward pass computes the gradients as it
 goes (as a real 1F1B pipeline must: a microbatch's backward starts before the last microbatch's forward) and
