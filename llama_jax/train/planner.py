@@ -32,6 +32,7 @@ choice), for the run's shapes and context parallelism.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -200,6 +201,7 @@ def local_workload(w: Workload, platform: str = "cpu") -> tuple[ModelConfig, int
     return local, rows, w.seq_len // ctx
 
 
+@functools.lru_cache(maxsize=256)
 def saved_activation_bytes(cfg: ModelConfig, rows: int, length: int, loss_chunk: int) -> int:
     """Bytes the backward pass keeps from the forward pass of the real loss (JAX's saved residuals; arguments,
     i.e. parameters and the batch, excluded)."""
