@@ -66,12 +66,19 @@ assert len(LLAMA3_1_SPECIAL_TOKENS) == NUM_SPECIAL_TOKENS
 ROLES = ("system", "user", "assistant", "ipython")
 
 _PRETOKENIZE_RE = regex.compile(PAT_STR)
+_ASCII_SPACE = r"\t\n\x0b\x0c\r "  # what ``\s`` matches among ASCII characters in the regex module
+_ASCII_PRETOKENIZE_RE = re.compile(
+    rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{{1,3}}| ?[^{_ASCII_SPACE}A-Za-z0-9]+[\r\n]*"
+    rf"|[{_ASCII_SPACE}]*[\r\n]+|[{_ASCII_SPACE}]+(?![^{_ASCII_SPACE}])|[{_ASCII_SPACE}]+"
+)
+""":data:`PAT_STR` for ASCII text, with the classes spelled out (``\\p{L}`` = ``A-Za-z``, ``\\p{N}`` = ``0-9``) for
+the standard library's ``re``, which finds the same pieces about twice as fast as ``regex``."""
 _RUN_RE = re.compile(r"\s+|\S+")
 
 
 def pretokenize(text: str) -> list[str]:
     """Splits ``text`` into the pieces BPE runs on (Llama 3's regex), e.g. ``"12345" -> ["123", "45"]``."""
-    return _PRETOKENIZE_RE.findall(text)
+    return (_ASCII_PRETOKENIZE_RE if text.isascii() else _PRETOKENIZE_RE).findall(text)
 
 
 def split_long_runs(text: str, max_run: int = MAX_NO_WHITESPACES_CHARS) -> Iterator[str]:

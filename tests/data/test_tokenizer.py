@@ -53,6 +53,26 @@ def test_pretokenize(text, pieces):
     assert "".join(tk.pretokenize(text)) == text
 
 
+def test_pretokenize_ascii_equals_the_pattern():
+    """ASCII text takes a faster equivalent of the pattern: its pieces must be the pattern's, on every ASCII
+    character (incl. the control characters ``\\s`` does not match), contractions in any case, digit runs,
+    whitespace before newlines and ends of text, and on standard-library source."""
+    import regex
+
+    from llama_jax.data import corpus
+
+    rng = random.Random(0)
+    atoms = [chr(c) for c in range(128)] + ["'s", "'T", "'re", "'VE", "'m", "'Ll", "'d", "\r\n", "  ", " \n", "\t\x0b\x0c",
+                                            "\x1c\x1f", "12345", "ab", "Z"] * 4
+    texts = ["".join(rng.choice(atoms) for _ in range(rng.randrange(1, 40))) for _ in range(3000)]
+    texts += [t for t in ROUND_TRIP_TEXTS if t.isascii()]
+    root = corpus.stdlib_dir()
+    texts += [corpus.read_text(os.path.join(root, rel)) for rel in sorted(corpus.list_files(root))[::150]]
+    assert sum(t.isascii() for t in texts) > 3000
+    for text in texts:
+        assert tk.pretokenize(text) == regex.findall(LLAMA3_PATTERN, text), repr(text[:200])
+
+
 def _hand_built_file(path) -> None:
     ranks = {bytes([b]): b for b in range(256)}
     for i, tok in enumerate([b"He", b"ll", b"llo", b"Hello", b" w", b"or", b" wor", b"ld", b" world"]):

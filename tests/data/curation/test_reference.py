@@ -184,3 +184,64 @@ def test_near_dedup_components_equal_a_union_find():
     with beam.Pipeline() as p:
         marks = p | beam.Create(pairs) | dedup_transforms.Components()
         assert_that(marks, equal_to(_ref_components(pairs)))
+
+
+def _ref_line_dedup(docs, max_repeats, bucket_docs, min_chars, counter):
+    """The rule as the config states it, on the collapsed text of each line (no hashing of lines): a line of
+    ``min_chars``+ stripped characters in more than ``max_repeats`` documents of a bucket is removed everywhere."""
+    n_buckets = math.ceil(len(docs) / bucket_docs)
+    bucket = {d["key"]: dedup.stable_hash(d["key"]) % n_buckets for d in docs}
+
+    def counted(line):
+        return len(line.strip()) >= min_chars
+
+    seen = collections.Counter()
+    for d in docs:
+        seen.update({(bucket[d["key"]], " ".join(ln.split())) for ln in d["text"].splitlines() if counted(ln)})
+    kept_docs, removed = [], []
+    for d in docs:
+        lines = d["text"].splitlines()
+        kept = [ln for ln in lines if not (counted(ln) and seen[bucket[d["key"]], " ".join(ln.split())] > max_repeats)]
+        if len(kept) == len(lines):
+            kept_docs.append(dict(d, lines_removed=0))
+        elif not "".join(kept).strip():
+            removed.append(("all_lines_duplicated", d["key"]))
+        else:
+            text = "\n".join(kept)
+            kept_docs.append(dict(d, text=text, lines_removed=len(lines) - len(kept), ntok=counter(text)))
+    return kept_docs, removed
+
+
+def test_line_dedup_equals_the_rule():
+    """Three buckets (7, 13 and 20 documents); long lines drawn near the 6-document threshold, some repeated inside
+    a document (counted once), some differing only in whitespace (one line), short lines (never counted) and
+    documents made only of frequent lines (removed)."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from llama_jax.data import curation
+    from llama_jax.data.curation import dedup_transforms
+    from llama_jax.data.curation.records import StageContext, TokenCounter
+
+    rng = np.random.default_rng(0)
+    pool = [f"Boilerplate line number {i} that is long enough to be counted by line dedup." for i in range(12)]
+    pool += [f"short line {i}" for i in range(3)]
+    docs = []
+    for i in range(40):
+        lines = [ln for j, ln in enumerate(pool) if rng.random() < (0.05 * j if j < 12 else 0.15)]
+        lines = [ln.replace(" that ", "  that\t") if rng.random() < 0.3 else ln for ln in lines]
+        if i % 4:
+            lines.append(f"Document {i} has a line of its own, long enough to be counted too.")
+        if lines and rng.random() < 0.3:
+            lines.append(lines[0])
+        rng.shuffle(lines)
+        docs.append({"key": f"000000:{i:09d}", "text": "\n".join(lines) + "\n", "ntok": len(lines)})
+    cfg = curation.get_config().line_dedup
+    cfg.bucket_docs = 15
+    counter = TokenCounter()
+    want_docs, want_removed = _ref_line_dedup(docs, cfg.max_repeats, cfg.bucket_docs, cfg.min_line_chars, counter)
+    assert 0 < sum(d["lines_removed"] > 0 for d in want_docs) < len(want_docs) and want_removed  # all three cases
+    with beam.Pipeline() as p:
+        kept, removed = p | beam.Create(docs) | dedup_transforms.LineDedup(cfg, StageContext(counter, 20))
+        assert_that(kept, equal_to(want_docs), label="Kept")
+        assert_that(removed | beam.Map(lambda e: (e[2], e[5][0])), equal_to(want_removed), label="Removed")
