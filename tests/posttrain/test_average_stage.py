@@ -14,23 +14,11 @@ from llama_jax.posttrain import data as data_lib
 from llama_jax.posttrain import recipe
 from llama_jax.stages import KINDS
 from llama_jax.train import driver, resume, stage_run
+from tests.posttrain import tiny_run
 
 
 def _config(tok_path, tmp_path, stages):
-    text = str(tmp_path / "text.jsonl")
-    if not os.path.exists(text):
-        data_lib.write_jsonl(text, [{"text": f"What is {a} + {b}? {a} + {b} = {a + b}"}
-                                    for a in range(12) for b in range(12)])
-    c = experiment.base_config()
-    c.tokenizer = tok_path
-    c.model.update(dict(vocab_size=640, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64))
-    c.data.sources = [dict(name="text", kind="jsonl", path=text, weight=1.0, split="all", eval_split="all")]
-    c.checkpoint.update(dict(every_steps=0, async_save=False))
-    c.eval.update(dict(every_steps=0, batches=0))
-    c.sample.max_new_tokens = 0
-    c.log_every_steps = 0
-    c.stages = stages
-    return c
+    return tiny_run.config(tok_path, tmp_path, stages, max_seq_len=64)
 
 
 def _params(workdir, stage):
