@@ -91,13 +91,15 @@ def stage_fns(cfg: ModelConfig, token_loss: Callable) -> executor.StageFns:
                              place=lambda x: layers.constrain(x, ("act_batch", "act_length", "act_embed")))
 
 
-def split_micro(batch: dict, n: int) -> dict:
-    """[B, ...] -> [n, B/n, ...]: microbatch i takes rows i, i + n, ... (spread over the data-parallel devices)."""
+def split_micro(batch: Any, n: int, what: str = "pipeline.microbatches") -> Any:
+    """[B, ...] -> [n, B/n, ...] for every array of `batch`: part i takes rows i, i + n, i + 2n, ..., so every part
+    is spread evenly over the data-parallel devices (the set of rows, hence any sum, is unchanged). Used for
+    pipeline microbatches and for gradient-accumulation micro-batches (`what` names the setting in errors)."""
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"batch of {x.shape[0]} rows cannot be cut into pipeline.microbatches={n}")
+            raise ValueError(f"batch of {x.shape[0]} rows cannot be cut into {what}={n}")
         return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
-    return {k: split(v) for k, v in batch.items()}
+    return jax.tree.map(split, batch)
 
 
 def loss_sum(cfg: ModelConfig, pipe: PipelineConfig, params: Any, batch: dict, token_loss: Callable):

@@ -66,15 +66,6 @@ def _global_norm(tree) -> jax.Array:
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def _split_micro(batch: Batch, n: int) -> Batch:
-    """[B, ...] -> [n, B/n, ...] taking rows i, i+n, i+2n, ... for micro-batch i, so every micro-batch is
-    spread evenly over the data-parallel devices (the set of rows, hence the sum, is unchanged)."""
-    def split(x):
-        b = x.shape[0]
-        return jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
-    return jax.tree.map(split, batch)
-
-
 def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: int = 1,
                     loss_fn: Callable | None = None, loss_chunk: int = 0,
                     pipeline: pipeline_lib.PipelineConfig | None = None,
@@ -111,7 +102,7 @@ def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig, grad_accum: 
                 return (acc_t + t, acc_c + c, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)), None
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             (total, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
-                                                    _split_micro(batch, grad_accum))
+                                                    pipeline_lib.split_micro(batch, grad_accum, "grad_accum"))
         denom = jnp.maximum(count, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
