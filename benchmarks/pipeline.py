@@ -16,8 +16,10 @@ import statistics
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_jax.sharding import simulated  # noqa: E402  (imports no JAX)
+
+os.environ.update(simulated.cpu_device_env(8))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 
+from llama_jax.sharding import simulated
 
 EXIT_PREEMPTED = 75  # llama_jax.train.stage_run.EXIT_PREEMPTED: preempted, checkpoint saved
 _PR_SET_PDEATHSIG = 1
@@ -64,11 +65,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def process_env(index: int, processes: int, devices_per_process: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags + [
-        f"--xla_force_host_platform_device_count={devices_per_process}"]),
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+    env = simulated.cpu_device_env(devices_per_process)
+    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                JAX_PROCESS_ID=str(index), PYTHONUNBUFFERED="1")
     return env
 

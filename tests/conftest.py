@@ -1,9 +1,9 @@
 """Test setup: simulate an 8-device CPU mesh before JAX is imported anywhere."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from llama_jax.sharding import simulated  # imports no JAX
+
+os.environ.update(simulated.cpu_device_env(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tempfile  # noqa: E402
