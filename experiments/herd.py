@@ -3,12 +3,13 @@ rejection sampling -> SFT -> DPO, with held-out accuracy after every stage.
 
 Variant `cpu` (`--config=experiments/herd.py:cpu[,key=value,...]`):
     python -m llama_jax.main --config=experiments/herd.py:cpu --workdir=/tmp/llama_herd
-The task (`llama_jax.posttrain.tasks`): "What is a + b?" for operands below 20, generated deterministically
-when the run starts (config.prepare; loading the config writes nothing) into a folder of `task_dir` named by the
-task's size: 120 SFT dialogs, 120 rejection-sampling prompts and 100 held-out
-prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair (the facts are in the
+The task (`llama_jax.posttrain.tasks`): "What is a + b?" for operands below `max_operand` (40), generated
+deterministically when the run starts (config.prepare; loading the config writes nothing) into a folder of
+`task_dir` named by the task's size: 120 SFT dialogs, 400 rejection-sampling and annotation prompts and 1,000
+held-out prompts (disjoint pairs), pretraining text "What is a + b? a + b = c" for every pair (the facts are in the
 pretraining data, as in a web corpus; post-training has to elicit them in the dialog format for prompts it never
 trained on), and a 290-rank BPE tokenizer. The verifier accepts a response whose last integer is a + b.
+The model: the `tiny` block at dim 128, 4 layers (0.8M parameters), pretrained 2,000 steps of 32 x 64 tokens.
 Stages: `pretrain` (text), then `llama_jax.posttrain.recipe.arithmetic_stages` (shared with
 experiments/posttrain.py:cpu) with the paper's data flow (Llama 3 §4.1-4.2): `sft` (the 120 dialogs, from
 `pretrain`), and per round `ann_rN` (the round's preference annotations: two samples per prompt at temperature
@@ -20,14 +21,19 @@ the 120 dialogs), `dpo_rN` (on `ann_rN`'s "significantly better" and "better" pa
 NLL 0.2, formatting masked, frozen reference = sft_rN), `dpo_rN_2` (the same with NLL 1.0) and `avg_rN` (their
 uniform average: the round's model). Held-out accuracy (greedy, `verify_arithmetic`) is each stage's
 `eval_task_accuracy` in `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s
-`start_task_accuracy` is the pretrained model's. Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr,
-dim, layers, task_dir, and the task's size: `prompts` (rejection-sampling and annotation prompts, default 120)
-and `heldout` (held-out prompts, default 100), `min_score` (the `tasks.score_arithmetic` grade a sample needs to
+`start_task_accuracy` is the pretrained model's; the per-prompt scores are each stage's `task_scores.json`, and
+    python -m llama_jax.posttrain.significance --workdir=/tmp/llama_herd
+prints every model's accuracy with its 95% interval and the paired test (McNemar's exact, the same prompts)
+against the model it started from and the model whose samples it trained on.
+Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir, and the task's size:
+`prompts` (rejection-sampling and annotation prompts, default 400), `heldout` (held-out prompts, default 1,000),
+`max_operand` (40; 120 + prompts + heldout must not exceed max_operand²), `min_score` (the `tasks.score_arithmetic` grade a sample needs to
 be kept: 1.0 by default, fully correct; 0.5 also takes a right answer with wrong work, for models trained a few
 steps); choices that are not the paper's: `sft_from=policy` (each round's SFT continues the model entering the
 round, at LR 3e-4) and `pairs=rejection` (DPO on the most frequent correct vs the most frequent wrong of K
 samples of sft_rN, a stage `pairs_rN`, instead of annotations). The notebook `notebooks/posttrain_round.ipynb`
-runs this experiment, in CI with `heldout=64,prompts=32,min_score=0.5` and a few steps per stage.
+runs this experiment, in CI with `dim=64,layers=2,heldout=64,prompts=32,min_score=0.5` and a few steps per
+stage.
 Hardware: a 2-core CPU; benchmarks/README.md has runtimes and accuracies measured with `sft_from=policy,
 pairs=rejection` (the recipe before annotations; a progress line per stage). Small-model SFT learning rates
 (1e-3; 3e-4 when continuing the policy) replace the paper's 1e-5; DPO at 1e-4 (ten times the paper's) lost the
@@ -41,17 +47,18 @@ from llama_jax import experiment as E
 from llama_jax.posttrain import recipe, tasks
 
 _KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir", "prompts",
-          "heldout", "min_score", "sft_from", "pairs")
+          "heldout", "max_operand", "min_score", "sft_from", "pairs")
 
 
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="cpu", pretrain_steps=400, sft_steps=100, dpo_steps=40, rounds=1, k=16, lr=3e-3,
-                    dim=64, layers=2, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"),
-                    prompts=120, heldout=100, min_score=1.0, sft_from="pretrained", pairs="annotations")
+    a = E.parse_arg(arg, variant="cpu", pretrain_steps=2000, sft_steps=200, dpo_steps=40, rounds=1, k=16, lr=3e-3,
+                    dim=128, layers=4, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"),
+                    prompts=400, heldout=1000, max_operand=40, min_score=1.0, sft_from="pretrained",
+                    pairs="annotations")
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
-    size = dict(n_prompts=a.prompts, n_heldout=a.heldout)
+    size = dict(n_prompts=a.prompts, n_heldout=a.heldout, max_operand=a.max_operand)
     paths = tasks.arithmetic_paths(a.task_dir, **size)
     c = recipe.arithmetic_config(paths, a.dim, a.layers)
     c.prepare = [tasks.prepare_arithmetic(paths, **size)]

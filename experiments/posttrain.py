@@ -107,7 +107,7 @@ def _system_prompts(path: str) -> tuple[str, ...]:
 
 def get_config(arg: str | None = None):
     a = E.parse_arg(arg, variant="cpu", init="", init_stage="pretrain", rounds=0, k=0, sft_steps=100,
-                    dpo_steps=40, dim=64, layers=2, rm=0,
+                    dpo_steps=40, dim=128, layers=4, rm=0,
                     task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"), tokenizer="", sft="",
                     prompts="", preferences="", size="8b", sft_from="pretrained", rm_from="pretrained",
                     pairs="annotations", sampler="", system_prompts="")

@@ -79,7 +79,8 @@ def test_loss_chunk_defaults_to_the_platform_choice():
 
 
 def test_herd_task_size_knobs(tmp_path):
-    """`prompts=` and `heldout=` size the rejection-sampling and held-out sets; the defaults stay 120 and 100."""
+    """`prompts=` and `heldout=` size the rejection-sampling and held-out sets (defaults 400 and 1,000, operands
+    below `max_operand=40`)."""
     herd = _load("herd")
 
     def lines(path):
@@ -99,10 +100,10 @@ def test_herd_task_size_knobs(tmp_path):
     assert lines(prompts) == 32 and lines(heldout) == 64
     E.prepare(default)
     prompts, heldout = task_files(default)
-    assert lines(prompts) == 120 and lines(heldout) == 100
+    assert lines(prompts) == 400 and lines(heldout) == 1000
     assert [lines(p) for p in task_files(small)] == [32, 64]  # another size never rewrites a task's files
     with pytest.raises(ValueError, match="120 \\+ 240 \\+ 100 problems requested but only 400 distinct pairs"):
-        herd.get_config(f"cpu,prompts=240,heldout=100,task_dir={tmp_path / 'big'}")
+        herd.get_config(f"cpu,prompts=240,heldout=100,max_operand=20,task_dir={tmp_path / 'big'}")
 
 
 def _tiny_workdir(path, stage="pretrain"):

@@ -180,14 +180,14 @@ def select(records: Sequence[Mapping], responses: Sequence[Sequence[str]], score
     return dialogs, pairs, stats
 
 
-def task_accuracy(cfg: ModelConfig, params, tokenizer: Tokenizer, records: Sequence[Mapping], verifier: Verifier,
-                  max_new_tokens: int, batch_size: int = 64) -> float:
-    """Mean verifier score of the greedy answers to `records` (held-out accuracy for a 0/1 verifier)."""
+def task_scores(cfg: ModelConfig, params, tokenizer: Tokenizer, records: Sequence[Mapping], verifier: Verifier,
+                max_new_tokens: int, batch_size: int = 64) -> np.ndarray:
+    """[len(records)] verifier scores of the greedy answers to `records` (an empty answer scores 0)."""
     responses = sample_responses(cfg, params, tokenizer, [r["prompt"] for r in records], 1, max_new_tokens,
                                  temperature=0.0, batch_size=batch_size)
-    scores = score_with_verifier(records, responses, verifier)
-    return float(np.mean(np.where(np.isfinite(scores), scores, 0.0)))
+    scores = score_with_verifier(records, responses, verifier)[:, 0]
+    return np.where(np.isfinite(scores), scores, 0.0)
 
 
 __all__ = ["load_verifier", "sample_responses", "score_with_reward_model", "score_with_verifier", "select",
-           "task_accuracy", "with_system_prompts"]
+           "task_scores", "with_system_prompts"]

@@ -9,7 +9,8 @@ nothing):
     heldout.jsonl    prompts with answers, disjoint from both (held-out accuracy)
     pretrain.jsonl   {"text": "What is a + b? a + b = c"} for every pair (plain text; the dialogs and
                      held-out prompts use the chat format)
-    tokenizer.model  a 290-rank BPE tokenizer (Meta format) trained on all problems with operands below 20
+    tokenizer.model  a 290-rank BPE tokenizer (Meta format) trained on all problems with operands below
+                     max(20, max_operand)
 
 `verify_arithmetic(record, response)` is the verifier: 1.0 when the last integer in the response equals the
 record's `answer`, else 0.0 (held-out accuracy). `score_arithmetic` grades the work shown as well (1.0 / 0.5 /
@@ -70,8 +71,8 @@ def edit_arithmetic(record, response: str) -> str:
     return answer_text(int(asked.group(1)), int(asked.group(2)))
 
 
-def arithmetic_paths(task_dir: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
-                     n_heldout: int = 100, seed: int = 0) -> dict[str, str]:
+def arithmetic_paths(task_dir: str, max_operand: int = 40, n_sft: int = 120, n_prompts: int = 400,
+                     n_heldout: int = 1000, seed: int = 0) -> dict[str, str]:
     """Where `write_arithmetic` puts the task of these settings, without touching a file: a folder of its own
     under `task_dir` named by the settings, so tasks of different sizes never share (or rewrite) files.
     `paths["directory"]` is that folder. Settings that cannot be met are an error here already."""
@@ -84,8 +85,8 @@ def arithmetic_paths(task_dir: str, max_operand: int = 20, n_sft: int = 120, n_p
     return dict(paths, tokenizer=os.path.join(directory, "tokenizer.model"), directory=directory)
 
 
-def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_prompts: int = 120,
-                     n_heldout: int = 100, seed: int = 0) -> dict[str, str]:
+def write_arithmetic(directory: str, max_operand: int = 40, n_sft: int = 120, n_prompts: int = 400,
+                     n_heldout: int = 1000, seed: int = 0) -> dict[str, str]:
     """Writes the task's files under `directory` (skipped when already written with these settings); every
     file is written atomically under a name of its own, so concurrent writers of the same task do not collide."""
     pairs = [(a, b) for a in range(max_operand) for b in range(max_operand)]
@@ -116,8 +117,9 @@ def write_arithmetic(directory: str, max_operand: int = 20, n_sft: int = 120, n_
     texts = [f"{question(a, b)} {answer_text(a, b)}" for a, b in pairs]
     data_lib.write_jsonl(paths["pretrain"], [{"text": t} for t in texts])
     from llama_jax.data.tokenizer import train_bpe  # noqa: PLC0415
-    # The tokenizer sees every problem with operands below 20 whatever the task's size: same vocabulary always.
-    vocab_texts = [f"{question(a, b)} {answer_text(a, b)}" for a in range(20) for b in range(20)]
+    # The tokenizer sees every problem with operands below max(20, max_operand) whatever the task's other sizes.
+    top = max(20, max_operand)
+    vocab_texts = [f"{question(a, b)} {answer_text(a, b)}" for a in range(top) for b in range(top)]
     train_bpe(vocab_texts + ["user assistant system ipython"], 290, paths["tokenizer"])
     data_lib.write_jsonl(marker, [settings])  # last: the task is complete once its settings are there
     return paths

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from llama_jax import workdir as workdir_lib
+from llama_jax.experiment import options as options_lib
 from llama_jax.experiment.options import Spec, StageRef
 from llama_jax.model import transformer
 from llama_jax.posttrain import data as data_lib
@@ -132,15 +133,35 @@ def start_params(ctx: kind_lib.StageContext):
     return resume.start_params(ctx.workdir, ctx.stage, ctx.mesh, ctx.rules)
 
 
-def task_eval(ctx: kind_lib.StageContext, params, eval_prompts: Spec, verifier: str, max_new_tokens: int
-              ) -> dict[str, float]:
-    """{"task_accuracy": mean verifier score of greedy answers to `eval_prompts`}, or {} when not configured."""
+def compared_with(ctx: kind_lib.StageContext) -> list[str]:
+    """The earlier stages of this run a stage's held-out scores are compared with (`posttrain.significance`):
+    the stage it started from, then the stages whose outputs it reads (an average's sources; the rejection-
+    sampling or annotation stage behind its data, whose scores are those of the model that was sampled)."""
+    out = [ctx.stage.previous] if ctx.stage.previous else []
+    return out + [s for s in options_lib.references(ctx.stage.options) if s not in out]
+
+
+TASK_SCORES = "task_scores.json"  # the stage's model: one verifier score per held-out prompt
+START_SCORES = "start_task_scores.json"  # the model the stage started from (sft from a pretrained model)
+
+
+def task_eval(ctx: kind_lib.StageContext, params, eval_prompts: Spec, verifier: str, max_new_tokens: int,
+              record: str = TASK_SCORES) -> dict[str, float]:
+    """{"task_accuracy": mean verifier score of greedy answers to `eval_prompts`}, or {} when not configured. The
+    per-prompt scores go to the stage's `record` file (the last evaluation's: the model the stage ends with), for
+    the paired tests of `posttrain.significance`."""
     if not eval_prompts or not verifier:
         return {}
     records, _ = read_records(ctx, eval_prompts, "prompt")
-    acc = rejection.task_accuracy(ctx.stage.model, params, ctx.tokenizer, records,
-                                  rejection.load_verifier(verifier), int(max_new_tokens))
-    return {"task_accuracy": acc}
+    scores = rejection.task_scores(ctx.stage.model, params, ctx.tokenizer, records,
+                                   rejection.load_verifier(verifier), int(max_new_tokens))
+    if ctx.workdir and jax.process_index() == 0:
+        workdir_lib.write_json_atomic(
+            workdir_lib.stage_output_path(ctx.workdir, ctx.stage.name, record),
+            dict(stage=ctx.stage.name, model="start" if record == START_SCORES else "stage",
+                 compared_with=[] if record == START_SCORES else compared_with(ctx), prompts=str(eval_prompts),
+                 verifier=verifier, scores=[float(s) for s in scores]))
+    return {"task_accuracy": float(np.mean(scores))}
 
 
 def report(ctx: kind_lib.StageContext, read: data_lib.ReadReport, too_long: int, weaker: int = 0) -> dict:

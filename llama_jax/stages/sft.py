@@ -90,7 +90,7 @@ class SFT(kind_lib.StageKind):
         out = {"data": ctx.cache["data"]}
         if ctx.stage.init_source != "scratch" and options.eval_prompts:
             start = common.task_eval(ctx, common.start_params(ctx), options.eval_prompts, options.verifier,
-                                     options.eval_max_new_tokens)
+                                     options.eval_max_new_tokens, record=common.START_SCORES)
             out["start_task_accuracy"] = start["task_accuracy"]
         return out
 

@@ -18,7 +18,7 @@ CI_SIZE = {
     "NOTEBOOK_SWEEP": "toy,budgets=3e9/6e9",
     "NOTEBOOK_BOOTSTRAP": "100",  # scaling_sweep: bootstrap resamples of the fit's intervals
     # posttrain_round: enough steps for a few right answers among the samples (the pairs DPO needs), min_score 0.5
-    "NOTEBOOK_HERD": "cpu,pretrain_steps=150,sft_steps=40,dpo_steps=4,k=4,prompts=32,heldout=64,min_score=0.5",
+    "NOTEBOOK_HERD": "cpu,dim=64,layers=2,pretrain_steps=150,sft_steps=40,dpo_steps=4,k=4,prompts=32,heldout=64,min_score=0.5",
 }
 
 

@@ -177,6 +177,11 @@ def test_a_round_feeds_the_next(tok_path, tmp_path):
     workdir = str(tmp_path / "run")
     results = driver.run_experiment(c, workdir, KINDS)
     assert 0.0 <= results["sft"]["eval_task_accuracy"] <= 1.0
+    # the per-prompt scores behind the accuracy, for the paired tests (posttrain.significance)
+    with open(workdir_lib.stage_output_path(workdir, "sft", "task_scores.json")) as f:
+        scores = json.load(f)
+    assert len(scores["scores"]) == 3 and scores["compared_with"] == []
+    assert np.mean(scores["scores"]) == pytest.approx(results["sft"]["eval_task_accuracy"])
     assert 0.0 <= results["rm"]["eval_ranking_accuracy"] <= 1.0
     stats = results["rs"]["rejection_sampling"]
     assert stats["prompts"] == 4 and stats["samples_per_prompt"] == 3 and stats["scorer"] == "reward"
