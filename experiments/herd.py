@@ -47,14 +47,14 @@ from llama_jax import experiment as E
 from llama_jax.posttrain import recipe, tasks
 
 _KNOBS = ("pretrain_steps", "sft_steps", "dpo_steps", "rounds", "k", "lr", "dim", "layers", "task_dir", "prompts",
-          "heldout", "max_operand", "min_score", "sft_from", "pairs")
+          "heldout", "max_operand", "min_score", "dpo_lr", "dpo_nll", "sft_from", "pairs")
 
 
 def get_config(arg: str | None = None):
-    a = E.parse_arg(arg, variant="cpu", pretrain_steps=2000, sft_steps=200, dpo_steps=40, rounds=1, k=16, lr=3e-3,
+    a = E.parse_arg(arg, variant="cpu", pretrain_steps=2000, sft_steps=200, dpo_steps=200, rounds=1, k=16, lr=3e-3,
                     dim=128, layers=4, task_dir=os.path.join(tempfile.gettempdir(), "llama_jax_arithmetic"),
                     prompts=400, heldout=1000, max_operand=40, min_score=1.0, sft_from="pretrained",
-                    pairs="annotations")
+                    pairs="rejection", dpo_lr=1e-4, dpo_nll=1.0)
     E.check_knobs(arg, a.variant, _KNOBS)
     if a.variant != "cpu":
         raise ValueError(f"unknown variant {a.variant!r} of experiments/herd.py; known: cpu")
@@ -68,5 +68,5 @@ def get_config(arg: str | None = None):
                         steps=a.pretrain_steps)]
     c.stages += recipe.arithmetic_stages(paths, rounds=a.rounds, k=a.k, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps,
                                          min_score=a.min_score, pretrained="pretrain", sft_from=a.sft_from,
-                                         dpo_pairs=a.pairs)
+                                         dpo_pairs=a.pairs, dpo_lr=a.dpo_lr, dpo_nll=a.dpo_nll)
     return c

@@ -224,7 +224,8 @@ ARITHMETIC_EDITOR = "llama_jax.posttrain.tasks:edit_arithmetic"  # the synthetic
 def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_steps: int,
                       reward_model: bool = False, min_score: float = 1.0, pretrained: str = START_FROM_INIT,
                       sft_from: str = "pretrained", rm_from: str = "pretrained",
-                      dpo_pairs: str = "annotations") -> list[dict]:
+                      dpo_pairs: str = "annotations", dpo_lr: float = PAPER_DPO_LR,
+                      dpo_nll: float | None = None) -> list[dict]:
     """Post-training on the arithmetic task (`tasks.write_arithmetic`'s `paths`) from the pre-trained model
     `pretrained` (an earlier stage, or "init_from"), the stage before: `sft` on the seed dialogs, then `rounds`
     rounds of [ann ->] rs -> sft -> two DPO runs -> their average, the paper's data flow (`round_stages`).
@@ -243,7 +244,8 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
     on every annotation batch so far scores the samples instead of the program. Every stage reports held-out
     accuracy (`verify_arithmetic`). Small-model learning rates replace the paper's 1e-5 for SFT (this
     project's choice: 1e-3 with 10 warm-up steps from the pre-trained model, 3e-4 when a round's SFT continues
-    the policy); DPO keeps the paper's LR 1e-5, β 0.1 and NLL 0.2."""
+    the policy); DPO keeps the paper's β 0.1, and its LR 1e-5 and NLL coefficient 0.2 for the first run unless
+    `dpo_lr` and `dpo_nll` say otherwise."""
     task = dict(eval_prompts=paths["heldout"], verifier=ARITHMETIC_VERIFIER, eval_max_new_tokens=12)
     stages = [sft_stage("sft", paths["sft"], sft_steps, ARITHMETIC_SEQ_LEN, 16, lr=1e-3, warmup=10,
                         start_from=pretrained, **task)]
@@ -258,10 +260,10 @@ def arithmetic_stages(paths: dict, *, rounds: int, k: int, sft_steps: int, dpo_s
                                rm_from=rm_from, sft_from=sft_from, k=k, verifier=ARITHMETIC_SCORER,
                                reward_model=reward_model, rm_steps=sft_steps, sft_steps=sft_steps,
                                dpo_steps=dpo_steps, batch=16, sft_lr=sft_lr, sft_warmup=sft_warmup,
-                               sft_extra=paths["sft"], dpo_lr=PAPER_DPO_LR,
+                               sft_extra=paths["sft"], dpo_lr=dpo_lr,
                                rs=dict(min_score=min_score, max_new_tokens=12, temperature=1.0), task=task,
                                dpo_runs=ARITHMETIC_DPO_RUNS, dpo_pairs=dpo_pairs, on_policy_pairs=True,
-                               **annotation)
+                               dpo=None if dpo_nll is None else dict(nll_coef=dpo_nll), **annotation)
         policy = round_policy(r, ARITHMETIC_DPO_RUNS)
     return stages
 
