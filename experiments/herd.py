@@ -1,5 +1,5 @@
-"""The herd recipe end to end on a task a program verifies: pretrain -> SFT -> rounds of preference annotation ->
-rejection sampling -> SFT -> DPO, with held-out accuracy after every stage.
+"""The herd recipe end to end on a task a program verifies: pretrain -> SFT -> rounds of rejection sampling ->
+SFT -> DPO -> averaging, with held-out accuracy after every stage.
 
 Variant `cpu` (`--config=experiments/herd.py:cpu[,key=value,...]`):
     python -m llama_jax.main --config=experiments/herd.py:cpu --workdir=/tmp/llama_herd
@@ -11,15 +11,19 @@ pretraining data, as in a web corpus; post-training has to elicit them in the di
 trained on), and a 290-rank BPE tokenizer. The verifier accepts a response whose last integer is a + b.
 The model: the `tiny` block at dim 128, 4 layers (0.8M parameters), pretrained 2,000 steps of 32 x 64 tokens.
 Stages: `pretrain` (text), then `llama_jax.posttrain.recipe.arithmetic_stages` (shared with
-experiments/posttrain.py:cpu) with the paper's data flow (Llama 3 §4.1-4.2): `sft` (the 120 dialogs, from
-`pretrain`), and per round `ann_rN` (the round's preference annotations: two samples per prompt at temperature
-1 from the previous round's two DPO runs, round 1: from `sft`, labelled by a synthetic annotator, the graded
-`tasks.score_arithmetic`, with a strength label and `tasks.edit_arithmetic` as its editing step), `rs_rN`
-(K samples per prompt from the model entering the round at temperature 1, graded by `score_arithmetic`; fully
-correct ones kept as SFT data), `sft_rN` (fine-tunes `pretrain`, as the paper, on the kept samples mixed with
-the 120 dialogs), `dpo_rN` (on `ann_rN`'s "significantly better" and "better" pairs, the paper's LR 1e-5, β 0.1,
-NLL 0.2, formatting masked, frozen reference = sft_rN), `dpo_rN_2` (the same with NLL 1.0) and `avg_rN` (their
-uniform average: the round's model). Held-out accuracy (greedy, `verify_arithmetic`) is each stage's
+experiments/posttrain.py:cpu) with the paper's data flow (Llama 3 §4.1-4.2) but for DPO's data: `sft` (the 120
+dialogs, from `pretrain`), and per round `rs_rN` (K samples per prompt from the model entering the round at
+temperature 1, graded by `tasks.score_arithmetic`; fully correct ones kept as SFT data), `sft_rN` (fine-tunes
+`pretrain`, as the paper, on the kept samples mixed with the 120 dialogs), `pairs_rN` (K samples of sft_rN: the
+most frequent correct against the most frequent wrong answer, on-policy pairs), `dpo_rN` and `dpo_rN_2` (two
+runs on those pairs, β 0.1 as the paper; LR 1e-4, NLL coefficient 1.0 and 200 steps are choices, measured by a
+sweep in benchmarks/README.md; frozen reference = sft_rN) and `avg_rN` (their uniform average: the round's
+model). The paper's DPO data and settings are knobs: `pairs=annotations` (`ann_rN`: two samples per prompt at
+temperature 1 from the previous round's two DPO runs, round 1: from `sft`, labelled by a synthetic annotator,
+the graded `score_arithmetic`, with a strength label and `tasks.edit_arithmetic` as its editing step; DPO on
+the "significantly better" and "better" pairs), `dpo_lr=1e-5`, `dpo_nll=0.2` (the second run keeps NLL 1.0),
+`dpo_steps=40`: with them DPO does not change held-out accuracy at this size (benchmarks/README.md says why).
+Held-out accuracy (greedy, `verify_arithmetic`) is each stage's
 `eval_task_accuracy` in `<workdir>/stages/<name>/DONE.json` and metrics.jsonl; `sft`'s
 `start_task_accuracy` is the pretrained model's; the per-prompt scores are each stage's `task_scores.json`, and
     python -m llama_jax.posttrain.significance --workdir=/tmp/llama_herd
@@ -27,17 +31,13 @@ prints every model's accuracy with its 95% interval and the paired test (McNemar
 against the model it started from and the model whose samples it trained on.
 Knobs: pretrain_steps, sft_steps, dpo_steps, rounds, k, lr, dim, layers, task_dir, and the task's size:
 `prompts` (rejection-sampling and annotation prompts, default 400), `heldout` (held-out prompts, default 1,000),
-`max_operand` (40; 120 + prompts + heldout must not exceed max_operand²), `min_score` (the `tasks.score_arithmetic` grade a sample needs to
-be kept: 1.0 by default, fully correct; 0.5 also takes a right answer with wrong work, for models trained a few
-steps); choices that are not the paper's: `sft_from=policy` (each round's SFT continues the model entering the
-round, at LR 3e-4) and `pairs=rejection` (DPO on the most frequent correct vs the most frequent wrong of K
-samples of sft_rN, a stage `pairs_rN`, instead of annotations). The notebook `notebooks/posttrain_round.ipynb`
-runs this experiment, in CI with `dim=64,layers=2,heldout=64,prompts=32,min_score=0.5` and a few steps per
-stage.
-Hardware: a 2-core CPU; benchmarks/README.md has runtimes and accuracies measured with `sft_from=policy,
-pairs=rejection` (the recipe before annotations; a progress line per stage). Small-model SFT learning rates
-(1e-3; 3e-4 when continuing the policy) replace the paper's 1e-5; DPO at 1e-4 (ten times the paper's) lost the
-rounds' gain, at the paper's 1e-5 it kept it (benchmarks/README.md, on rejection-sampled pairs).
+`max_operand` (40; 120 + prompts + heldout must not exceed max_operand²), `min_score` (the
+`tasks.score_arithmetic` grade a sample needs to be kept: 1.0 by default, fully correct; 0.5 also takes a right
+answer with wrong work, for models trained a few steps), the DPO knobs above; `sft_from=policy` (a choice: each round's SFT continues the model entering the round, at LR 3e-4). The
+notebook `notebooks/posttrain_round.ipynb` runs this experiment, in CI with
+`dim=64,layers=2,heldout=64,prompts=32,min_score=0.5` and a few steps per stage.
+Hardware: a 2-core CPU; benchmarks/README.md has the runtime, every stage's accuracy and the paired tests.
+Small-model SFT learning rates (1e-3; 3e-4 when continuing the policy) replace the paper's 1e-5.
 """
 
 import os

@@ -115,7 +115,18 @@ def _tiny_workdir(path, stage="pretrain"):
 
 def test_herd_and_posttrain_cpu_variants_resolve(tmp_path):
     task = f"task_dir={tmp_path / 'task'}"
-    herd_config = _load("herd").get_config(f"cpu,{task}")
+    # the default: DPO on on-policy rejection-sampled pairs at LR 1e-4, NLL 1.0 (choices measured by a sweep)
+    default_config = _load("herd").get_config(f"cpu,{task}")
+    E.prepare(default_config)
+    default = {s.name: s for s in E.resolve(default_config, KINDS)}
+    assert list(default) == ["pretrain", "sft", "rs_r1", "sft_r1", "pairs_r1", "dpo_r1", "dpo_r1_2", "avg_r1"]
+    assert default["pairs_r1"].init_source == "previous:sft_r1"
+    for name in ("dpo_r1", "dpo_r1_2"):
+        d = default[name]
+        assert d.optim.peak_lr == 1e-4 and d.total_steps == 200 and d.options.nll_coef == 1.0 and d.options.beta == 0.1
+        assert d.options.preferences == (E.StageRef("pairs_r1", "preferences.jsonl"),)
+    # the paper's data flow and DPO settings, one knob each
+    herd_config = _load("herd").get_config(f"cpu,pairs=annotations,dpo_lr=1e-5,dpo_nll=0.2,dpo_steps=40,{task}")
     E.prepare(herd_config)
     herd = E.resolve(herd_config, KINDS)
     names = [s.name for s in herd]

@@ -78,7 +78,8 @@ def stage_scores(workdir: str) -> list[tuple[str, dict]]:
 
 def report(workdir: str) -> list[dict]:
     """One row per evaluated model: accuracy, its 95% interval, and the paired test against each model it is
-    compared with (the stage it started from, an average's sources; an SFT stage against its start model)."""
+    compared with (the stage it started from, an average's sources; an SFT stage against its start model; a
+    model whose scores equal an earlier baseline's, e.g. a sampling stage's copy of the policy, once)."""
     models = stage_scores(workdir)
     by_name = dict(models)
     rows = []
@@ -88,9 +89,11 @@ def report(workdir: str) -> list[dict]:
         row = {"model": name, "prompts": int(scores.size), "accuracy": float(np.mean(scores)), "ci95": [lo, hi],
                "paired": []}
         baselines = ([f"{name}:start"] if f"{name}:start" in by_name else []) + list(rec.get("compared_with", []))
+        seen = []
         for base in baselines:
-            if base not in by_name:
+            if base not in by_name or by_name[base]["scores"] in seen:  # absent, or the same model's scores again
                 continue
+            seen.append(by_name[base]["scores"])
             other = np.asarray(by_name[base]["scores"], np.float64)
             test = mcnemar_exact(other, scores)
             row["paired"].append(dict(test, against=base, delta=float(np.mean(scores) - np.mean(other))))
