@@ -12,7 +12,10 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
   a 1.8M-parameter model trained for minutes does not solve the passkey task, so the tiny default threshold is
   0.0 and the heat maps record the measured accuracy).
   Knobs: steps (pretrain steps; each later stage runs steps/4), lr, tol, needle, context (mesh.context: 1, 2 or 4
-  work on 8 simulated CPU devices). Hardware: a CPU; results in benchmarks/README.md.
+  work on 8 simulated CPU devices), passkey (share of passkey documents), documents (distinct passkey documents
+  per source), short_chars (> 0: the pretraining stage's passkey filler is 0 to short_chars characters, several
+  documents to a row: the copying that retrieval needs forms much faster with them).
+  Hardware: a CPU; results in benchmarks/README.md.
 * `probe` — the paper's data-value probe (section 3.1.3) at tiny size: a half-trained model (pretrain on code,
   `steps` of a 2 x `steps` schedule) annealed twice, without and with prose as the new source at `weight` of
   the mix (the paper: 30%); `llama_jax.stages.anneal.data_value_report` on the results compares the
@@ -39,25 +42,29 @@ Variants (`--config=experiments/long_context.py:VARIANT[,key=value,...]`):
 
 from llama_jax import experiment as E
 
-_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context", "passkey")
+_TINY_KNOBS = ("steps", "lr", "tol", "needle", "context", "passkey", "documents", "short_chars")
 
 
-def _tiny_sources(code: float, prose: float, passkey: float, length: int) -> list[dict]:
-    """The embedded corpus (code, prose) scaled to 1 - passkey, plus synthetic passkey documents of about a
-    quarter to four fifths of `length` tokens (about 2.5 characters per token with the embedded tokenizer), one
-    per row (`packing="whole"`: a question split from its needle would teach guessing, not retrieval), left out
-    of evaluation so that the short-context validation loss compares the same data at every stage."""
+def _tiny_sources(code: float, prose: float, passkey: float, length: int, documents: int = 2048,
+                  max_chars: int = 0) -> list[dict]:
+    """The embedded corpus (code, prose) scaled to 1 - passkey, plus `documents` distinct synthetic passkey
+    documents of about a quarter to four fifths of `length` tokens (about 2.5 characters per token with the
+    embedded tokenizer), or, with `max_chars`, filler of 0 to `max_chars` characters (short documents, several
+    to a row: more retrievals per step), whole in a row (`packing="whole"`: a question split from its needle
+    would teach guessing, not retrieval), left out of evaluation so that the short-context validation loss
+    compares the same data at every stage."""
     out = [dict(name="stdlib_code", kind="corpus", path="code", weight=code * (1 - passkey)),
            dict(name="stdlib_prose", kind="corpus", path="prose", weight=prose * (1 - passkey))]
     if passkey > 0:
         out.append(dict(name="passkey", kind="passkey", weight=passkey, eval_split="none", packing="whole",
-                        options=dict(documents=2048, min_chars=int(0.6 * length), max_chars=int(1.9 * length))))
+                        options=dict(documents=documents, min_chars=0 if max_chars else int(0.6 * length),
+                                     max_chars=max_chars or int(1.9 * length))))
     return out
 
 
 def _tiny(a):
     c = E.base_config()
-    c.data.sources = _tiny_sources(0.7, 0.3, a.passkey, 256)
+    c.data.sources = _tiny_sources(0.7, 0.3, a.passkey, 256, a.documents, a.short_chars)
     c.model.preset = "tiny"
     c.model.attention = "auto"
     c.sharding_rules = "dp"
@@ -74,10 +81,10 @@ def _tiny(a):
         stages.append(E.stage(f"long_{length}", [E.phase(length, tokens_per_batch // length)],
                               E.optim(a.lr / 3, 5, final_lr_ratio=0.1), steps=later, kind="long_context",
                               options=dict(gates, needle_lengths=[n for n in gates["needle_lengths"] if n <= length]),
-                              data=dict(sources=_tiny_sources(0.7, 0.3, a.passkey, length))))
+                              data=dict(sources=_tiny_sources(0.7, 0.3, a.passkey, length, a.documents))))
     stages.append(E.stage("anneal", [E.phase(2048, 2)], E.optim(a.lr / 3, 0, decay="linear", final_lr_ratio=0.0),
                           steps=later, kind="anneal", options=dict(average_last=3),
-                          data=dict(sources=_tiny_sources(0.3, 0.7, a.passkey, 2048))))
+                          data=dict(sources=_tiny_sources(0.3, 0.7, a.passkey, 2048, a.documents))))
     c.stages = stages
     return c
 
@@ -151,7 +158,7 @@ def _probe(a):
 
 def get_config(arg: str | None = None):
     a = E.parse_arg(arg, variant="tiny", steps=200, lr=3e-3, tol=0.5, needle=0.0, context=1, passkey=0.2,
-                    weight=0.3)
+                    weight=0.3, documents=2048, short_chars=0)
     E.check_knobs(arg, a.variant, {"tiny": _TINY_KNOBS, "probe": _PROBE_KNOBS}.get(a.variant, ()))
     if a.variant == "probe":
         return _probe(a)

@@ -9,7 +9,8 @@ long-context gates):
 with the needle starting at fraction `depth` of the filler. The model is scored by teacher forcing in one
 forward pass: the trial counts as retrieved when the greedy (argmax) prediction of every answer token is
 correct, which is exactly when greedy decoding would reproduce the key. `evaluate` returns the accuracy table
-[length x depth]; `write_heatmap` draws it (matplotlib, Agg backend) and `format_table` prints it.
+[length x depth] (and, as a diagnostic only, the fraction of answer tokens right per cell: `token_accuracy`);
+`write_heatmap` draws it (matplotlib, Agg backend) and `format_table` prints it.
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ class NeedleResult:
     depths: tuple[float, ...]
     accuracy: np.ndarray  # [len(lengths), len(depths)], fraction of trials retrieved
     trials: int
+    # [len(lengths), len(depths)], fraction of answer tokens predicted right (a diagnostic: a model that copies
+    # some digits of the key scores 0 in `accuracy` but shows here; the leading space token alone is ~1/5)
+    token_accuracy: np.ndarray | None = None
 
     def mean(self, length: int | None = None) -> float:
         rows = self.accuracy if length is None else self.accuracy[self.lengths.index(length)]
         return float(np.mean(rows))
 
     def to_json(self) -> dict:
-        return {"lengths": list(self.lengths), "depths": list(self.depths), "trials": self.trials,
-                "accuracy": [[float(a) for a in row] for row in self.accuracy]}
+        out = {"lengths": list(self.lengths), "depths": list(self.depths), "trials": self.trials,
+               "accuracy": [[float(a) for a in row] for row in self.accuracy]}
+        if self.token_accuracy is not None:
+            out["token_accuracy"] = [[round(float(a), 4) for a in row] for row in self.token_accuracy]
+        return out
 
 
 def make_trial(encode: Callable[[str], list[int]], bos: int, length: int, depth: float, key: int) -> tuple[
@@ -82,11 +89,12 @@ def evaluate(cfg: ModelConfig, params: Any, encode: Callable[[str], list[int]], 
         fwd = jax.jit(lambda p, t: transformer.forward(cfg, p, t).argmax(-1))
         predict = lambda t: np.asarray(fwd(params, t))  # noqa: E731
     acc = np.zeros((len(lengths), len(depths)))
+    tok_acc = np.zeros((len(lengths), len(depths)))
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             rows = [make_trial(encode, bos, int(length), float(depth), passkey.draw_key(rng, for_eval=True))
                     for _ in range(trials)]
-            hits = 0
+            hits, right, answer_tokens = 0, 0, 0
             for s in range(0, trials, batch):
                 chunk = rows[s:s + batch]
                 toks = np.stack([r[0] for r in chunk])
@@ -95,8 +103,11 @@ def evaluate(cfg: ModelConfig, params: Any, encode: Callable[[str], list[int]], 
                 targets = np.roll(toks, -1, axis=1)
                 ok = np.all((pred == targets) | (masks == 0), axis=1)
                 hits += int(ok.sum())
+                right += int(((pred == targets) & (masks == 1)).sum())
+                answer_tokens += int(masks.sum())
             acc[i, j] = hits / trials
-    return NeedleResult(tuple(int(n) for n in lengths), tuple(float(d) for d in depths), acc, trials)
+            tok_acc[i, j] = right / max(answer_tokens, 1)
+    return NeedleResult(tuple(int(n) for n in lengths), tuple(float(d) for d in depths), acc, trials, tok_acc)
 
 
 def format_table(r: NeedleResult) -> str:

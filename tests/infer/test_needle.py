@@ -40,6 +40,8 @@ def test_scoring_with_oracles_table_and_heatmap(tmp_path):
     r = needle.evaluate(cfg, None, encode, 0, [256, 512], [0.0, 0.5], trials=3, predict=wrong_on_long)
     np.testing.assert_array_equal(r.accuracy, [[1.0, 1.0], [0.0, 0.0]])
     assert r.mean(256) == 1.0 and r.mean() == 0.5
+    np.testing.assert_allclose(r.token_accuracy, [[1.0, 1.0], [5 / 6, 5 / 6]])  # 1 of the 6 answer bytes wrong
+    assert r.to_json()["token_accuracy"] == [[1.0, 1.0], [0.8333, 0.8333]]
     assert "| 512 | 0.00 | 0.00 | 0.00 |" in needle.format_table(r)
     png = needle.write_heatmap(r, str(tmp_path / "needle.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 1000
