@@ -131,6 +131,7 @@ class StageCheckpoints:
     def __init__(self, directory: str, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self._unchecksummed: list[int] = []  # saved steps whose checksums are not written yet
+        self._in_flight: list[int] = []  # steps saved since the last wait (named when a wait finds a save failed)
         self._lock = threading.Lock()
         self._failed = False  # a save failed (`wait` raised CheckpointSaveError)
         self._options = ocp.CheckpointManagerOptions(
@@ -160,6 +161,9 @@ class StageCheckpoints:
         with self._lock:  # queued before the save starts: its commit callback writes its checksums
             self._unchecksummed.append(step)
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            with self._lock:
+                self._in_flight.append(step)
         if not saved:
             with self._lock:
                 self._unchecksummed.remove(step)
@@ -211,11 +215,15 @@ class StageCheckpoints:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - Orbax re-raises its background thread's error as it was
+            # the steps saved since the last wait (not the pending checksums: a checksum thread may have taken
+            # a committed step off that list before the failure surfaced)
             with self._lock:
-                failed, self._unchecksummed = list(self._unchecksummed), []
+                failed, self._in_flight, self._unchecksummed = list(self._in_flight), [], []
             self._failed = True
             raise CheckpointSaveError(f"checkpoint step {', '.join(map(str, failed)) or '?'} could not be saved in "
                                       f"{self.directory}: {_reason(e)}") from e
+        with self._lock:
+            self._in_flight = []
         self._write_checksums()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> tuple[Any, dict]:
