@@ -3,6 +3,7 @@ import os
 
 from llama_jax.sharding import simulated  # imports no JAX
 
+# XLA_FLAGS=--xla_force_host_platform_device_count=8 (other flags kept) and PJRT_NPROC=32 runtime threads
 os.environ.update(simulated.cpu_device_env(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

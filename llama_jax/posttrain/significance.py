@@ -27,8 +27,8 @@ import numpy as np
 from llama_jax import workdir as workdir_lib
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
-TASK_SCORES = "task_scores.json"  # stages.common.TASK_SCORES
-START_SCORES = "start_task_scores.json"  # stages.common.START_SCORES
+TASK_SCORES = "task_scores.json"  # per stage: the model it ends with (written by stages.common.task_eval)
+START_SCORES = "start_task_scores.json"  # per SFT stage: the model it started from
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:

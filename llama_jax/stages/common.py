@@ -31,7 +31,7 @@ from llama_jax.experiment import options as options_lib
 from llama_jax.experiment.options import Spec, StageRef
 from llama_jax.model import transformer
 from llama_jax.posttrain import data as data_lib
-from llama_jax.posttrain import rejection
+from llama_jax.posttrain import rejection, significance
 from llama_jax.sharding import mesh as mesh_lib
 from llama_jax.train import kind as kind_lib
 from llama_jax.train import loss as loss_lib
@@ -141,8 +141,8 @@ def compared_with(ctx: kind_lib.StageContext) -> list[str]:
     return out + [s for s in options_lib.references(ctx.stage.options) if s not in out]
 
 
-TASK_SCORES = "task_scores.json"  # the stage's model: one verifier score per held-out prompt
-START_SCORES = "start_task_scores.json"  # the model the stage started from (sft from a pretrained model)
+TASK_SCORES = significance.TASK_SCORES  # the stage's model: one verifier score per held-out prompt
+START_SCORES = significance.START_SCORES  # the model the stage started from (sft from a pretrained model)
 
 
 def task_eval(ctx: kind_lib.StageContext, params, eval_prompts: Spec, verifier: str, max_new_tokens: int,
